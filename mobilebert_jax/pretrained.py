@@ -1,0 +1,178 @@
+"""Loading and saving pretrained models: native orbax directories and Hugging Face directories.
+
+A native directory holds `mobilebert_jax.json` (format, head, model config), `params/` (an orbax
+checkpoint of the parameter tree) and any tokenizer files. `load_pretrained` reads that or a
+transformers directory (config.json + model.safetensors / pytorch_model.bin) and can put a
+different head on the loaded backbone (fresh head parameters are initialised and logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mobilebert_jax.interop import hf
+from mobilebert_jax.models import HEADS, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+NATIVE_CONFIG = "mobilebert_jax.json"
+NATIVE_PARAMS = "params"
+FORMAT_VERSION = 1
+# Backbone subtrees that must come from the checkpoint; anything else may be initialised fresh.
+_CORE_PREFIXES = ("embeddings", "layer_")
+
+
+def abstract_params(model: nn.Module, config: ModelConfig) -> Any:
+  """Shapes/dtypes of `model`'s parameters, without allocating (``jax.eval_shape``)."""
+  return nn.meta.unbox(jax.eval_shape(lambda: init_params(model, config, jax.random.PRNGKey(0))))
+
+
+def init_params(model: nn.Module, config: ModelConfig, rng: jax.Array, boxed: bool = False):
+  """Initialises `model`'s parameters on a dummy batch; `boxed` keeps the logical-axis boxes."""
+  length = min(8, config.max_position_embeddings)
+  ids = jnp.zeros((1, length), jnp.int32)
+  params = model.init({"params": rng}, ids)["params"]
+  return params if boxed else nn.meta.unbox(params)
+
+
+def is_native_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, NATIVE_CONFIG))
+
+
+def read_native_meta(path: str) -> dict:
+  meta_path = os.path.join(path, NATIVE_CONFIG)
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != "mobilebert_jax":
+    raise ValueError(f"{meta_path}: not a mobilebert_jax checkpoint (format={meta.get('format')!r})")
+  if meta.get("head") not in HEADS:
+    raise ValueError(f"{meta_path}: unknown head {meta.get('head')!r}; valid: {sorted(HEADS)}")
+  return meta
+
+
+def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
+                    tokenizer_dir: str | None = None, extra: Mapping | None = None) -> None:
+  """Writes a native directory: metadata + config JSON, orbax params, tokenizer files."""
+  import orbax.checkpoint as ocp
+  if head not in HEADS:
+    raise ValueError(f"unknown head {head!r}; valid heads: {sorted(HEADS)}")
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  params_dir = os.path.join(path, NATIVE_PARAMS)
+  host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(params))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(params_dir, host_params, force=True)
+  checkpointer.wait_until_finished()
+  meta = {"format": "mobilebert_jax", "version": FORMAT_VERSION, "head": head,
+          "model": config.to_dict(), **(extra or {})}
+  with open(os.path.join(path, NATIVE_CONFIG), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  hf.copy_tokenizer_files(tokenizer_dir, path)
+
+
+def read_checkpoint(path: str) -> tuple[ModelConfig, str, dict]:
+  """Reads (config, head, params as numpy) from a native or Hugging Face directory."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
+  if is_native_dir(path):
+    import orbax.checkpoint as ocp
+    meta = read_native_meta(path)
+    config = ModelConfig.from_dict(meta["model"], source=os.path.join(path, NATIVE_CONFIG))
+    params_dir = os.path.join(os.path.abspath(path), NATIVE_PARAMS)
+    if not os.path.isdir(params_dir):
+      raise FileNotFoundError(f"{path}: {NATIVE_CONFIG} present but no {NATIVE_PARAMS}/ directory")
+    params = ocp.StandardCheckpointer().restore(params_dir)
+    return config, meta["head"], jax.tree.map(np.asarray, params)
+  if hf.is_hf_dir(path):
+    hf_config = hf.read_hf_config(path)
+    config = hf.config_from_hf(hf_config, source=os.path.join(path, "config.json"))
+    state = hf.read_hf_weights(path)
+    head = hf.head_from_architectures(hf_config, state)
+    state = hf.strip_base_prefix(state, config, head)
+    reference = abstract_params(build_model(config, head), config)
+    params = hf.state_to_params(state, config, head, reference, source=path)
+    return config, head, params
+  raise hf.ConversionError(
+      f"{path}: no model config found (expected {NATIVE_CONFIG} for a native checkpoint or "
+      "config.json for a Hugging Face checkpoint)")
+
+
+def adapt_params(params: Mapping, src_head: str, dst_head: str, config: ModelConfig,
+                 seed: int = 0) -> dict:
+  """Moves a params tree saved with `src_head` onto a model with `dst_head`.
+
+  Backbone weights are taken over (the embeddings and layers must all be there, with their
+  shapes); head parameters the source lacks, or whose shape changed (a new label count), are
+  initialised fresh and logged.
+  """
+  model = build_model(config, dst_head)
+  reference = abstract_params(model, config)
+  src_backbone = params if src_head == "base" else params.get("backbone", {})
+  src_heads = {} if src_head == "base" else {k: v for k, v in params.items() if k != "backbone"}
+  fresh: list[str] = []
+  out: dict = {}
+
+  def take(ref, src, path):
+    if isinstance(ref, Mapping):
+      return {k: take(v, src.get(k) if isinstance(src, Mapping) else None, path + (k,))
+              for k, v in ref.items()}
+    name = "/".join(path)
+    if src is None or tuple(np.shape(src)) != tuple(ref.shape):
+      core = path[1 if dst_head != "base" else 0].startswith(_CORE_PREFIXES)
+      if core:
+        found = "missing" if src is None else f"shape {tuple(np.shape(src))}"
+        raise hf.ConversionError(f"backbone parameter {name}: {found}, expected {tuple(ref.shape)}")
+      fresh.append(name)
+      return None
+    return np.asarray(src)
+
+  if dst_head == "base":
+    out = take(reference, src_backbone, ())
+  else:
+    out = {"backbone": take(reference["backbone"], src_backbone, ("backbone",))}
+    for k, v in reference.items():
+      if k != "backbone":
+        out[k] = take(v, src_heads.get(k), (k,))
+  if fresh:
+    log.warning("initialised %d parameters not in the checkpoint (new head or shape): %s",
+                len(fresh), fresh)
+    init = init_params(model, config, jax.random.PRNGKey(seed))
+    out = jax.tree.map(lambda o, i: np.asarray(i) if o is None else o, out, init,
+                       is_leaf=lambda x: x is None)
+  return out
+
+
+def load_pretrained(path: str, head: str | None = None, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32, num_labels: int | None = None,
+                    seed: int = 0) -> tuple[nn.Module, dict]:
+  """Loads a native or Hugging Face checkpoint directory as ``(model, params)``.
+
+  Args:
+    path: a directory written by `save_pretrained` / `convert import-hf`, or a transformers
+      directory with config.json and model.safetensors or pytorch_model.bin.
+    head: the head to put on the backbone (one of `HEADS`); default: the checkpoint's own.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: dtype of the returned params.
+    num_labels: override the classification label count (the classifier is then re-initialised).
+    seed: seed for any freshly initialised head parameters.
+
+  Usage: ``model.apply({"params": params}, input_ids=ids, attention_mask=mask)``.
+  """
+  config, src_head, params = read_checkpoint(path)
+  head = head or src_head
+  if head not in HEADS:
+    raise ValueError(f"unknown head {head!r}; valid heads: {sorted(HEADS)}")
+  if num_labels is not None and num_labels != config.num_labels:
+    config = config.replace(num_labels=num_labels)
+  if head != src_head or num_labels is not None:
+    params = adapt_params(params, src_head, head, config, seed=seed)
+  model = build_model(config, head, dtype=dtype, param_dtype=param_dtype)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
+  return model, params

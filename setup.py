@@ -1,0 +1,29 @@
+"""Installable package for mobilebert_jax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mobilebert_jax",
+    version="0.1.0",
+    description="JAX/Flax codebase for compressing BERT into small task-agnostic models "
+    "(MobileBERT, IB-BERT, TinyBERT) with TPU-native distillation.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mobilebert_jax", "mobilebert_jax.*"]),
+    package_data={"mobilebert_jax": ["data/assets/*"]},
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+        "transformers>=4.40",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest", "torch"],
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+    },
+)
