@@ -114,6 +114,8 @@ def config_to_hf(config: ModelConfig, head: str) -> dict:
   """The transformers config dict for `config` with `head`; errors for unexpressible models."""
   check_exportable(config)
   arch = _CLASS_PREFIX[config.model_type] + _ARCHITECTURE_SUFFIX[head]
+  # transformers sizes the span head by num_labels; this project's span head is start/end.
+  num_labels = 2 if head == "question_answering" else config.num_labels
   hf = dict(
       architectures=[arch],
       model_type=config.model_type,
@@ -132,8 +134,8 @@ def config_to_hf(config: ModelConfig, head: str) -> dict:
       pad_token_id=config.pad_token_id,
       classifier_dropout=config.classifier_dropout,
       tie_word_embeddings=True,
-      id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
-      label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
+      id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
+      label2id={f"LABEL_{i}": i for i in range(num_labels)},
   )
   if config.model_type == "mobilebert":
     hf.update(

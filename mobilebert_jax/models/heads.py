@@ -128,15 +128,16 @@ class ForSequenceClassification(_WithBackbone):
   """Pooled [CLS] -> dropout -> dense(num_labels) (transformers' *ForSequenceClassification)."""
 
   def setup_head(self):
-    self.classifier = self._dense(self.config.num_labels, "embed", "labels")
+    cfg = self.config
+    rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+    self.dropout = nn.Dropout(rate)
+    self.classifier = self._dense(cfg.num_labels, "embed", "labels")
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                deterministic: bool = True, **flags) -> SequenceClassifierOutput:
-    cfg = self.config
     out = self.backbone(input_ids, attention_mask, token_type_ids, position_ids,
                         deterministic=deterministic, **flags)
-    rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-    pooled = nn.Dropout(rate)(out.pooler_output, deterministic=deterministic)
+    pooled = self.dropout(out.pooler_output, deterministic=deterministic)
     return SequenceClassifierOutput(logits=self.classifier(pooled), **_encoder_fields(out))
 
 
