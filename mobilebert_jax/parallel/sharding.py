@@ -88,6 +88,6 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, ...] input array: batch over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of any [batch, ...] input array: batch over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

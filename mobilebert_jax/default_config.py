@@ -1,0 +1,59 @@
+"""The embedded default run (configs/demo.py): tiny teacher -> tiny MobileBERT on shipped data.
+
+A tiny IB-BERT-style teacher (inverted bottleneck, q/k/v from the layer input) is pretrained with
+MLM + NSP on the shipped `sample_text` corpus, then distilled into a tiny MobileBERT with
+progressive knowledge transfer (one phase per layer) followed by pretraining distillation.
+A few minutes on a 2-core CPU.
+"""
+
+import ml_collections
+
+
+def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      optimizer="lamb", learning_rate=learning_rate, warmup_steps=warmup_steps,
+      end_learning_rate=0.0, decay_power=1.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
+      grad_clip_norm=1.0, grad_accum_steps=1))
+
+
+def transfer_factors(**extra) -> dict:
+  """MobileBERT's reference layer-wise transfer weights (DESIGN.md section 3)."""
+  return dict(hidden_factor=100.0, beta_factor=5000.0, gamma_factor=5.0, attention_factor=1.0,
+              **extra)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"
+  c.stages = "teacher_pretrain,pkt,pd"
+  vocab = 2972  # the shipped demo vocab (mobilebert_jax/data/assets/vocab.txt)
+  c.teacher = ml_collections.ConfigDict(dict(
+      preset="ib_bert_large", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=128,
+      num_layers=2, num_heads=4, intermediate_size=256, max_position_embeddings=128,
+      hidden_dropout=0.0, attention_dropout=0.0))
+  c.student = ml_collections.ConfigDict(dict(
+      preset="mobilebert", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=16,
+      num_layers=2, num_heads=4, intermediate_size=64, num_ffn=4, max_position_embeddings=128,
+      attention_dropout=0.0))
+  c.teacher_checkpoint = ""
+  c.student_checkpoint = ""
+  c.data = ml_collections.ConfigDict(dict(
+      input_files=None, vocab_path="", max_seq_length=64, max_predictions_per_seq=10,
+      masked_lm_prob=0.15, short_seq_prob=0.1, whole_word_masking=False, dupe_factor=5, seed=0,
+      batch_size=32))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
+  c.log_every_steps = 20
+
+  c.teacher_pretrain = ml_collections.ConfigDict(dict(
+      strategy="pretrain", model="teacher", num_steps=400,
+      optimizer=optimizer(learning_rate=1e-2, warmup_steps=40)))
+  c.pkt = ml_collections.ConfigDict(dict(
+      strategy="pkt", model="student", num_steps=200, copy_from_teacher=True,
+      lower_layer_multiplier=0.0, current_layer_multiplier=1.0,
+      optimizer=optimizer(learning_rate=1e-2, warmup_steps=20), **transfer_factors()))
+  c.pd = ml_collections.ConfigDict(dict(
+      strategy="pd", model="student", num_steps=300, alpha=0.5, temperature=1.0,
+      optimizer=optimizer(learning_rate=5e-3, warmup_steps=30)))
+  return c

@@ -1,0 +1,207 @@
+"""Training strategies: each is a loss over (trainable params, frozen teacher params, batch).
+
+A strategy is a config entry (`stage.strategy`) plus one function here, not a new trainer:
+
+  pretrain   MLM + NSP on the trained model (teacher pretraining).
+  akt        auxiliary KT: every layer's feature-map + attention transfer plus PD, one summed loss.
+  jkt        joint KT: every layer's transfer losses together (followed by a `pd` stage).
+  pkt        progressive KT: phase p trains layer p on its own transfer loss; lower layers are
+             frozen (or get `lower_layer_multiplier`), higher ones, embeddings and heads frozen.
+  pd         pretraining distillation: alpha * MLM + (1 - alpha) * KD(teacher MLM) + NSP.
+  tinybert   TinyBERT general distillation: embedding + attention-score + hidden MSE with learned
+             projections and a layer mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mobilebert_jax import objectives
+from mobilebert_jax.models import ModelConfig
+
+STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert")
+DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert")
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """What a stage needs from its strategy.
+
+  loss_fn(params, teacher_params, batch, rng, step) -> (loss, metrics), where params is
+  {"model": ..., "aux": ...}; multipliers(step, params) -> per-parameter learning-rate
+  multipliers (a prefix tree of params) or None; aux_init(rng) -> extra trainable parameters
+  (projections).
+  """
+  name: str
+  loss_fn: LossFn
+  needs_teacher: bool
+  multipliers: Callable[[jax.Array, Any], Any] | None = None
+  aux_init: Callable[[jax.Array], dict] = lambda rng: {}
+
+
+def check_strategy(name: str, where: str) -> None:
+  if name not in STRATEGIES:
+    raise ValueError(f"{where}: unknown strategy {name!r}; valid strategies: {list(STRATEGIES)}")
+
+
+def _apply(model, params, batch, *, rng=None, hidden=False, attentions=False, scores=False):
+  train = rng is not None
+  return model.apply(
+      {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+      masked_lm_positions=batch["masked_lm_positions"], deterministic=not train,
+      output_hidden_states=hidden, output_attentions=attentions, output_attention_scores=scores,
+      rngs={"dropout": rng} if train else None)
+
+
+def _pretraining_terms(out, batch) -> dict[str, jax.Array]:
+  return {
+      "mlm": objectives.mlm_loss(out.prediction_logits, batch["masked_lm_ids"],
+                                 batch["masked_lm_weights"]),
+      "nsp": objectives.nsp_loss(out.seq_relationship_logits, batch["next_sentence_labels"]),
+      "mlm_accuracy": objectives.mlm_accuracy(out.prediction_logits, batch["masked_lm_ids"],
+                                              batch["masked_lm_weights"]),
+  }
+
+
+def layerwise_transfer(teacher_out, student_out, mask, cfg) -> dict[str, jax.Array]:
+  """Per-layer feature-map + attention transfer losses, stacked over layers: each [L]."""
+  terms = {"fmt_hidden": [], "fmt_beta": [], "fmt_gamma": [], "attention": []}
+  for layer in range(1, len(student_out.hidden_states)):
+    _, fmt = objectives.feature_map_transfer(
+        teacher_out.hidden_states[layer], student_out.hidden_states[layer], mask,
+        hidden_factor=cfg.hidden_factor, beta_factor=cfg.beta_factor,
+        gamma_factor=cfg.gamma_factor)
+    terms["fmt_hidden"].append(fmt["hidden"])
+    terms["fmt_beta"].append(fmt["beta"])
+    terms["fmt_gamma"].append(fmt["gamma"])
+    terms["attention"].append(objectives.attention_transfer(
+        teacher_out.attentions[layer - 1], student_out.attentions[layer - 1], mask,
+        factor=cfg.attention_factor))
+  return {k: jnp.stack(v) for k, v in terms.items()}
+
+
+def pkt_phase(step, num_steps: int, num_layers: int):
+  """The layer (0-based) progressive KT trains at `step`: num_steps / L steps per phase."""
+  steps_per_phase = max(num_steps // num_layers, 1)
+  return jnp.minimum(step // steps_per_phase, num_layers - 1)
+
+
+def pkt_multipliers(params_model: dict, step, cfg, num_layers: int) -> dict:
+  """Learning-rate multipliers of PKT phase p: layer p gets `current_layer_multiplier`, lower
+  layers `lower_layer_multiplier` (0 = frozen), higher layers, embeddings and heads 0."""
+  phase = pkt_phase(step, cfg.num_steps, num_layers)
+  backbone = params_model["backbone"]
+  tree = {"backbone": {name: 0.0 for name in backbone}}
+  for i in range(num_layers):
+    tree["backbone"][f"layer_{i}"] = jnp.where(
+        i == phase, cfg.current_layer_multiplier,
+        jnp.where(i < phase, cfg.lower_layer_multiplier, 0.0))
+  for name in params_model:
+    if name != "backbone":
+      tree[name] = 0.0
+  return tree
+
+
+def check_pair(teacher: ModelConfig, student: ModelConfig, strategy: str) -> None:
+  """Errors for a teacher/student pair the strategy cannot transfer between."""
+  if teacher.vocab_size != student.vocab_size:
+    raise ValueError(f"{strategy}: teacher vocab_size={teacher.vocab_size} differs from student "
+                     f"vocab_size={student.vocab_size}")
+  if strategy in ("akt", "jkt", "pkt"):
+    for field in ("num_layers", "hidden_size", "num_heads"):
+      t, s = getattr(teacher, field), getattr(student, field)
+      if t != s:
+        raise ValueError(f"{strategy}: layer-wise knowledge transfer needs equal {field} "
+                         f"(teacher {t}, student {s})")
+
+
+def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
+  """Returns the Strategy named by `stage_cfg.strategy` for these models."""
+  name = stage_cfg.strategy
+  check_strategy(name, "stage")
+  num_layers = student_model.config.num_layers
+  if name in DISTILLATION_STRATEGIES:
+    if teacher_model is None:
+      raise ValueError(f"strategy {name!r} needs a teacher model")
+    check_pair(teacher_model.config, student_model.config, name)
+
+  def teacher_forward(teacher_params, batch, **flags):
+    return _apply(teacher_model, jax.lax.stop_gradient(teacher_params), batch, **flags)
+
+  if name == "pretrain":
+    def loss_fn(params, teacher_params, batch, rng, step):
+      terms = _pretraining_terms(_apply(student_model, params["model"], batch, rng=rng), batch)
+      return terms["mlm"] + terms["nsp"], terms
+    return Strategy(name, loss_fn, needs_teacher=False)
+
+  if name in ("akt", "jkt", "pkt"):
+    def loss_fn(params, teacher_params, batch, rng, step):
+      student = _apply(student_model, params["model"], batch, rng=rng, hidden=True,
+                       attentions=True)
+      teacher = teacher_forward(teacher_params, batch, hidden=True, attentions=True)
+      per_layer = layerwise_transfer(teacher, student, batch["attention_mask"], stage_cfg)
+      if name == "pkt":
+        phase = pkt_phase(step, stage_cfg.num_steps, num_layers)
+        metrics = {k: v[phase] for k, v in per_layer.items()}
+        metrics["phase"] = phase.astype(jnp.float32)
+      else:
+        metrics = {k: jnp.sum(v) for k, v in per_layer.items()}
+      loss = metrics["fmt_hidden"] + metrics["fmt_beta"] + metrics["fmt_gamma"] + \
+          metrics["attention"]
+      if name == "akt":
+        pd, pd_terms = objectives.pretraining_distillation(
+            student.prediction_logits, teacher.prediction_logits, batch["masked_lm_ids"],
+            batch["masked_lm_weights"], alpha=stage_cfg.alpha, temperature=stage_cfg.temperature,
+            nsp_logits=student.seq_relationship_logits, nsp_labels=batch["next_sentence_labels"])
+        loss = loss + pd
+        metrics.update(pd_terms)
+      return loss, metrics
+
+    multipliers = None
+    if name == "pkt":
+      multipliers = lambda step, params: {
+          "model": pkt_multipliers(params["model"], step, stage_cfg, num_layers), "aux": 1.0}
+    return Strategy(name, loss_fn, needs_teacher=True, multipliers=multipliers)
+
+  if name == "pd":
+    def loss_fn(params, teacher_params, batch, rng, step):
+      student = _apply(student_model, params["model"], batch, rng=rng)
+      teacher = teacher_forward(teacher_params, batch)
+      loss, terms = objectives.pretraining_distillation(
+          student.prediction_logits, teacher.prediction_logits, batch["masked_lm_ids"],
+          batch["masked_lm_weights"], alpha=stage_cfg.alpha, temperature=stage_cfg.temperature,
+          nsp_logits=student.seq_relationship_logits, nsp_labels=batch["next_sentence_labels"])
+      terms["mlm_accuracy"] = objectives.mlm_accuracy(
+          student.prediction_logits, batch["masked_lm_ids"], batch["masked_lm_weights"])
+      return loss, terms
+    return Strategy(name, loss_fn, needs_teacher=True)
+
+  # tinybert
+  s_cfg, t_cfg = student_model.config, teacher_model.config
+  mapping = objectives.parse_layer_mapping(stage_cfg.layer_mapping, s_cfg.num_layers,
+                                           t_cfg.num_layers)
+
+  def aux_init(rng):
+    if s_cfg.hidden_size == t_cfg.hidden_size:
+      return {}
+    k1, k2 = jax.random.split(rng)
+    shape = (s_cfg.hidden_size, t_cfg.hidden_size)
+    std = s_cfg.initializer_range
+    return {"projections": {"embedding": std * jax.random.normal(k1, shape),
+                            "hidden": std * jax.random.normal(k2, shape)}}
+
+  def loss_fn(params, teacher_params, batch, rng, step):
+    student = _apply(student_model, params["model"], batch, rng=rng, hidden=True, scores=True)
+    teacher = teacher_forward(teacher_params, batch, hidden=True, scores=True)
+    as_dict = lambda o: {"hidden_states": o.hidden_states, "attention_scores": o.attention_scores}
+    loss, terms = objectives.tinybert_intermediate_loss(
+        as_dict(student), as_dict(teacher), mapping, params["aux"].get("projections"),
+        batch["attention_mask"])
+    return loss, terms
+  return Strategy(name, loss_fn, needs_teacher=True, aux_init=aux_init)
+

@@ -1,0 +1,60 @@
+"""Entry point: `python -m mobilebert_jax.main --config=configs/X.py --workdir=DIR`.
+
+Any config value can be overridden (`--config.pd.num_steps=100`). Without --config the embedded
+default (configs/demo.py: a tiny teacher-to-student run on the shipped corpus) runs.
+Multi-host: on Cloud TPU pods `jax.distributed.initialize()` finds its peers; elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from mobilebert_jax import default_config
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", default_config.__file__, "Training configuration file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "workdir/demo", "Directory for checkpoints, metrics and models.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run: explicit flags, or automatic discovery on TPU pods."""
+  import jax
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    # Only affects the CPU backend: lets CPU processes exchange data (e.g. over loopback).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  # Orbax and absl log every checkpoint step at INFO; keep the console to this project's lines.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("mobilebert_jax").setLevel(logging.INFO)
+  initialize_distributed()
+  import jax
+  from mobilebert_jax.training.trainer import train_and_evaluate
+  if jax.process_index() != 0:
+    logging.getLogger("mobilebert_jax").setLevel(logging.WARNING)
+  outputs = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    for role, path in outputs.items():
+      print(f"{role} model: {path}  (mobilebert_jax.load_pretrained({path!r}))")
+
+
+if __name__ == "__main__":
+  app.run(main)

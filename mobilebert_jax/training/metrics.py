@@ -1,0 +1,201 @@
+"""Metric sinks shared by every stage: JSON lines, TensorBoard and one console line per write.
+
+`MetricsWriter.write(step, scalars, stage=...)` appends `{"step", "stage", **scalars}` to
+`<workdir>/metrics.jsonl` (non-finite values become null so every line is valid JSON), adds the
+scalars to TensorBoard under `<workdir>/tensorboard/<stage>/` and logs e.g.
+  [distill] step 120/500 | loss 3.21 | mlm 2.9 | lr 1.2e-03 | 12.3 steps/s | 4.1k tok/s
+on the "mobilebert_jax" logger. Only process 0 should write: pass `enabled=False` elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger("mobilebert_jax")
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TOTAL_STEPS_KEY = "total_steps"
+_RESERVED = ("step", "stage")
+# Console formatting: these keys are shown last, in this order, with their own units.
+_RATES = (("steps_per_sec", "steps/s"), ("tokens_per_sec", "tok/s"))
+_LR_KEYS = ("lr", "learning_rate")
+
+
+def _scalar(key: str, value: Any) -> float | int:
+  """A Python int/float from a Python, numpy or jax scalar; raises naming `key` otherwise."""
+  try:
+    array = np.asarray(value)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TypeError(f"metric {key!r}: cannot convert {type(value).__name__} to a scalar") from e
+  if array.size != 1 or array.dtype.kind not in "biuf":
+    raise TypeError(f"metric {key!r} must be a real scalar, got shape {array.shape} "
+                    f"dtype {array.dtype}: {value!r}")
+  item = array.reshape(()).item()
+  return int(item) if array.dtype.kind in "biu" else float(item)
+
+
+def _json_value(value: float | int) -> float | int | None:
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _compact(value: float) -> str:
+  """3 significant digits with k/M/G suffixes for large magnitudes: 4123 -> '4.12k'."""
+  for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= scale:
+      return f"{value / scale:.3g}{suffix}"
+  return f"{value:.3g}"
+
+
+def format_line(step: int, scalars: Mapping[str, float], stage: str,
+                total_steps: int | None = None) -> str:
+  """The console line for one write (see the module docstring)."""
+  parts = [f"[{stage}] step {step}" + (f"/{total_steps}" if total_steps else "")]
+  rate_keys = {key for key, _ in _RATES}
+  for key, value in scalars.items():
+    if key in rate_keys:
+      continue
+    if key in _LR_KEYS:
+      parts.append(f"lr {value:.1e}")
+    else:
+      parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+  for key, unit in _RATES:
+    if key in scalars:
+      parts.append(f"{_compact(scalars[key])} {unit}")
+  return " | ".join(parts)
+
+
+class MetricsWriter:
+  """Writes scalars to metrics.jsonl, TensorBoard and the console; a no-op when not `enabled`."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.workdir = os.fspath(workdir)
+    self.enabled = enabled
+    self.tensorboard = tensorboard
+    self.path = os.path.join(self.workdir, METRICS_FILE)
+    self._file = None
+    self._summary_writers: dict[str, Any] = {}
+
+  def write(self, step: int, scalars: Mapping[str, Any], *, stage: str) -> None:
+    """Records `scalars` at `step` of `stage` in every sink."""
+    if not self.enabled:
+      return
+    scalars = dict(scalars)
+    total_steps = scalars.pop(TOTAL_STEPS_KEY, None)
+    clash = [k for k in _RESERVED if k in scalars]
+    if clash:
+      raise ValueError(f"metric names {clash} are reserved in {self.path}; rename them")
+    values = {key: _scalar(key, value) for key, value in scalars.items()}
+    step = int(step)
+
+    record = {"step": step, "stage": stage, **{k: _json_value(v) for k, v in values.items()}}
+    if self._file is None:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    self._file.flush()
+
+    if self.tensorboard:
+      writer = self._summary_writer(stage)
+      for key, value in values.items():
+        writer.add_scalar(key, value, global_step=step)
+
+    total = int(_scalar(TOTAL_STEPS_KEY, total_steps)) if total_steps is not None else None
+    log.info("%s", format_line(step, values, stage, total))
+
+  def write_config(self, config: Any) -> None:
+    """Writes `config` (ConfigDict, dict or dataclass) to workdir/config.json."""
+    if not self.enabled:
+      return
+    if hasattr(config, "to_json_best_effort"):
+      text = config.to_json_best_effort(indent=2)
+    else:
+      if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+      if not isinstance(config, Mapping):
+        raise TypeError(f"write_config to {self.workdir}: expected a ConfigDict, dict or "
+                        f"dataclass, got {type(config).__name__}")
+      text = json.dumps(dict(config), indent=2, sort_keys=True, default=repr)
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(os.path.join(self.workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+
+  def flush(self) -> None:
+    if not self.enabled:
+      return
+    if self._file is not None:
+      self._file.flush()
+    for writer in self._summary_writers.values():
+      writer.flush()
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    for writer in self._summary_writers.values():
+      writer.close()
+    self._summary_writers.clear()
+
+  def __enter__(self) -> "MetricsWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _summary_writer(self, stage: str):
+    if stage not in self._summary_writers:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._summary_writers[stage] = SummaryWriter(
+          logdir=os.path.join(self.workdir, "tensorboard", stage))
+    return self._summary_writers[stage]
+
+
+class Throughput:
+  """Steps/s and tokens/s over the interval since the last call."""
+
+  def __init__(self, start_step: int = 0):
+    self.reset(start_step)
+
+  def reset(self, step: int) -> None:
+    """Starts a new interval at `step` now (e.g. after restoring or a pause for evaluation)."""
+    self._step = int(step)
+    self._time = time.perf_counter()
+
+  def update(self, step: int, tokens_per_step: int) -> dict[str, float]:
+    """Rates since the previous `update` (or construction/`reset`), then starts a new interval."""
+    now = time.perf_counter()
+    steps = int(step) - self._step
+    elapsed = now - self._time
+    self._step, self._time = int(step), now
+    if steps <= 0 or elapsed <= 0:
+      return {"steps_per_sec": 0.0, "tokens_per_sec": 0.0}
+    steps_per_sec = steps / elapsed
+    return {"steps_per_sec": steps_per_sec,
+            "tokens_per_sec": steps_per_sec * float(tokens_per_step)}
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Reads a metrics.jsonl (or the one inside a workdir) back into a list of dicts."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+  return records

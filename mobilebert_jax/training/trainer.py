@@ -1,0 +1,475 @@
+"""The one trainer: runs the stages a config names (teacher pretraining, AKT/JKT/PKT, PD, TinyBERT).
+
+Each stage is `config.<stage name>` with a `strategy` (see `mobilebert_jax.distill.strategies`),
+the model it trains (`teacher` or `student`), `num_steps` and an `optimizer` block. The stage's
+train step is jitted once over the device mesh with explicit shardings and a donated state; the
+loop around it only feeds batches, checkpoints and logs. Workdir layout:
+
+  workdir/config.json, metrics.jsonl, tensorboard/
+  workdir/<stage>/checkpoints/<step>/   orbax checkpoints (state + data position), for resuming
+  workdir/<stage>/final/                the stage's trained model (native, `load_pretrained`)
+  workdir/teacher/, workdir/student/    the last trained teacher / student
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mobilebert_jax import pretrained
+from mobilebert_jax.data import PretrainingDataset, prefetch_to_device
+from mobilebert_jax.distill import strategies
+from mobilebert_jax.models import ModelConfig, build_model, get_preset
+from mobilebert_jax.parallel import sharding
+from mobilebert_jax.training import optimizer as optim
+from mobilebert_jax.training.checkpointing import Checkpointer
+from mobilebert_jax.training.metrics import MetricsWriter, Throughput
+
+log = logging.getLogger("mobilebert_jax")
+ROLES = ("teacher", "student")
+RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
+                 "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainingDivergedError(RuntimeError):
+  """A loss term became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def stage_names(config) -> list[str]:
+  """The stages to run, in order, validated against the config (before any compute)."""
+  raw = config.stages
+  names = [s.strip() for s in (raw.split(",") if isinstance(raw, str) else raw) if s.strip()]
+  if not names:
+    raise ValueError("config.stages names no stage")
+  for name in names:
+    if name in RESERVED_KEYS:
+      raise ValueError(f"stage name {name!r} collides with the reserved config key {name!r}")
+    if name not in config:
+      raise ValueError(f"unknown stage {name!r}: config has no block config.{name} "
+                       f"(config.stages={raw!r})")
+    stage = config[name]
+    strategies.check_strategy(stage.get("strategy"), f"config.{name}.strategy")
+    role = stage.get("model", "student" if stage.strategy != "pretrain" else "teacher")
+    if role not in ROLES:
+      raise ValueError(f"config.{name}.model={role!r} is not one of {list(ROLES)}")
+    if stage.strategy in strategies.DISTILLATION_STRATEGIES and role != "student":
+      raise ValueError(f"config.{name}: strategy {stage.strategy!r} trains the student, "
+                       f"but model={role!r}")
+    if int(stage.get("num_steps", 0)) < 1:
+      raise ValueError(f"config.{name}.num_steps must be >= 1, got {stage.get('num_steps')!r}")
+  return names
+
+
+def stage_role(stage) -> str:
+  return stage.get("model", "student" if stage.strategy != "pretrain" else "teacher")
+
+
+def model_config(entry, where: str) -> ModelConfig:
+  """A ModelConfig from a config block: optional `preset` (+ `tiny`) then field overrides."""
+  values = dict(entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else entry)
+  preset, tiny = values.pop("preset", None), values.pop("tiny", False)
+  base = get_preset(preset, tiny_variant=tiny) if preset else ModelConfig()
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown model config keys {unknown}; valid keys: {sorted(known)}")
+  try:
+    return base.replace(**values)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Places host arrays (identical on every process) onto global shardings."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Fully-replicated host copies of (possibly sharded, multi-host) arrays."""
+  from jax.experimental import multihost_utils
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def state_shardings(boxed_state: Any, mesh, rules) -> Any:
+  """NamedShardings for every leaf of a boxed abstract state (replicated where unannotated)."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_state), rules)
+  shapes = nn.meta.unbox(boxed_state)
+  return jax.tree.map(lambda x, spec: NamedSharding(mesh, sharding.fit_spec(x.shape, spec, mesh)),
+                      shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def all_finite(metrics: Mapping[str, Any]) -> str | None:
+  """The first non-finite metric name, or None."""
+  for key, value in metrics.items():
+    if not np.all(np.isfinite(np.asarray(value))):
+      return key
+  return None
+
+
+def copy_matching(dst: dict, src: Mapping, path: str = "") -> list[str]:
+  """Copies subtrees of `src` into `dst` (in place) where structure and shapes match."""
+  copied = []
+  for key, value in src.items():
+    if key not in dst:
+      continue
+    if isinstance(value, Mapping):
+      if isinstance(dst[key], Mapping):
+        sub = copy_matching(dst[key], value, f"{path}{key}/")
+        copied += sub
+    elif np.shape(dst[key]) == np.shape(value):
+      dst[key] = np.asarray(value)
+      copied.append(path + key)
+  return copied
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class _StopRequest:
+  """Set by SIGTERM/SIGINT: the loop saves at the current step and returns."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    self.signal = signum
+    log.warning("received signal %d: saving a checkpoint at the current step, then exiting", signum)
+
+  @contextlib.contextmanager
+  def installed(self):
+    previous = {}
+    try:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, self)
+    except ValueError:  # not the main thread: signals stay with the caller
+      pass
+    try:
+      yield self
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+class Trainer:
+  """Runs `config.stages` in `workdir`; rerunning the same command resumes where it stopped."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.names = stage_names(config)
+    self.dtype = DTYPES[config.get("dtype", "float32")]
+    self.rules = tuple(config.get("logical_rules", None) or sharding.LOGICAL_RULES)
+    self.mesh = sharding.create_mesh(dict(config.get("mesh", {})))
+    self.primary = jax.process_index() == 0
+    self.writer = MetricsWriter(self.workdir, enabled=self.primary)
+    self.stop = _StopRequest()
+    self.model_configs = {
+        "teacher": model_config(config.teacher, "config.teacher"),
+        "student": model_config(config.student, "config.student"),
+    }
+    self.latest: dict[str, dict | None] = {"teacher": None, "student": None}
+    self._check_inputs()
+
+  # -- checks before any compute ------------------------------------------------
+
+  def _check_inputs(self) -> None:
+    cfg = self.config
+    teacher_ckpt = cfg.get("teacher_checkpoint", "")
+    if teacher_ckpt:
+      loaded, _, params = pretrained.read_checkpoint(teacher_ckpt)
+      configured = self.model_configs["teacher"]
+      size_fields = ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
+                     "num_heads", "intermediate_size", "num_ffn", "attention_input")
+      diff = {f: (getattr(loaded, f), getattr(configured, f)) for f in size_fields
+              if getattr(loaded, f) != getattr(configured, f)}
+      if diff and cfg.get("check_teacher_config", True):
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"teacher checkpoint {teacher_ckpt} does not match config.teacher "
+                         f"({detail})")
+      self.latest["teacher"] = params
+      self.model_configs["teacher"] = loaded
+    teacher_trained = bool(teacher_ckpt)
+    for name in self.names:
+      stage = cfg[name]
+      if stage.strategy in strategies.DISTILLATION_STRATEGIES:
+        if not teacher_trained:
+          raise ValueError(f"stage {name!r} ({stage.strategy}) needs a teacher: run a "
+                           "'pretrain' stage for the teacher first or set config.teacher_checkpoint")
+        strategies.check_pair(self.model_configs["teacher"], self.model_configs["student"],
+                              stage.strategy)
+      if stage_role(stage) == "teacher":
+        teacher_trained = True
+    # Data: file existence, emptiness and vocabulary size, before any compilation.
+    self.dataset_for(self.names[0], 0).check_vocab_size(
+        min(c.vocab_size for c in self.model_configs.values()))
+
+  def dataset_for(self, name: str, index: int) -> PretrainingDataset:
+    data = self.config.data.to_dict()
+    data["seed"] = int(data.get("seed", 0)) + index
+    if not data.get("vocab_path"):
+      data.pop("vocab_path", None)
+    if not data.get("input_files") and not data.get("tfds_name"):
+      from mobilebert_jax.data import sample_text_path
+      data["input_files"] = str(sample_text_path())
+    return PretrainingDataset(data, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+  # -- stages -------------------------------------------------------------------
+
+  def run(self) -> dict[str, str]:
+    """Runs every stage; returns {role: directory of its final model}."""
+    if self.primary:
+      os.makedirs(self.workdir, exist_ok=True)
+      self.writer.write_config(self.config)
+    outputs = {}
+    with self.stop.installed():
+      for index, name in enumerate(self.names):
+        role = stage_role(self.config[name])
+        finished = self.run_stage(name, index)
+        if not finished:
+          log.warning("stopped during stage %r; rerun the same command to resume", name)
+          return outputs
+        outputs[role] = self.export_role(role, name)
+    self.writer.close()
+    return outputs
+
+  def export_role(self, role: str, stage: str) -> str:
+    path = os.path.join(self.workdir, role)
+    if self.primary:
+      pretrained.save_pretrained(path, self.model_configs[role], self.latest[role], "pretraining",
+                                 tokenizer_dir=self.tokenizer_dir(), extra={"stage": stage})
+    return path
+
+  def tokenizer_dir(self) -> str:
+    vocab = self.config.data.get("vocab_path") or ""
+    if not vocab:
+      from mobilebert_jax.data import sample_vocab_path
+      vocab = str(sample_vocab_path())
+    return vocab if os.path.isdir(vocab) else os.path.dirname(vocab)
+
+  def run_stage(self, name: str, index: int) -> bool:
+    """Trains one stage to its end (True) or until a stop signal (False)."""
+    stage = self.config[name]
+    role = stage_role(stage)
+    final_dir = os.path.join(self.workdir, name, "final")
+    if pretrained.is_native_dir(final_dir):
+      log.info("stage %r already finished; loading %s", name, final_dir)
+      self.latest[role] = pretrained.read_checkpoint(final_dir)[2]
+      return True
+
+    mesh, rules = self.mesh, self.rules
+    model_cfg = self.model_configs[role]
+    model = build_model(model_cfg, "pretraining", dtype=self.dtype)
+    teacher_model = teacher_params = None
+    if stage.strategy in strategies.DISTILLATION_STRATEGIES:
+      teacher_cfg = self.model_configs["teacher"]
+      teacher_model = build_model(teacher_cfg, "pretraining", dtype=self.dtype)
+      teacher_boxed = jax.eval_shape(lambda: pretrained.init_params(
+          teacher_model, teacher_cfg, jax.random.PRNGKey(0), boxed=True))
+      teacher_params = put_global(self.latest["teacher"],
+                                  sharding.param_shardings(teacher_boxed, mesh, rules))
+    strategy = strategies.build_strategy(stage, model, teacher_model)
+
+    num_steps = int(stage.num_steps)
+    opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
+    opt_cfg.total_steps = num_steps
+    boxed_params_shape = None
+
+    def multiplier_fn(step):
+      return strategy.multipliers(step, boxed_params_shape)
+    tx, schedule = optim.create_optimizer(
+        opt_cfg, multiplier_fn if strategy.multipliers else None)
+
+    seed = int(self.config.get("seed", 0)) + 1000 * index
+    rng = jax.random.PRNGKey(seed)
+
+    def boxed_params(key):
+      model_key, aux_key = jax.random.split(key)
+      return {"model": pretrained.init_params(model, model_cfg, model_key, boxed=True),
+              "aux": strategy.aux_init(aux_key)}
+
+    def init_state(params, key):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        rng=key)
+
+    abstract_boxed_params = jax.eval_shape(boxed_params, rng)
+    boxed_params_shape = nn.meta.unbox(abstract_boxed_params)
+    abstract_boxed_state = jax.eval_shape(lambda p, k: init_state(p, k), abstract_boxed_params, rng)
+    shardings = state_shardings(abstract_boxed_state, mesh, rules)
+    param_sh = shardings.params
+
+    dataset = self.dataset_for(name, index)
+    dataset.check_vocab_size(model_cfg.vocab_size)
+    checkpointer = Checkpointer(
+        os.path.join(self.workdir, name, "checkpoints"),
+        save_every_steps=int(self.config.checkpoint.save_every_steps),
+        keep=int(self.config.checkpoint.get("keep", 3)),
+        async_save=bool(self.config.checkpoint.get("async_save", True)))
+
+    if checkpointer.latest_step() is not None:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              nn.meta.unbox(abstract_boxed_state), shardings)
+      state, extra = checkpointer.restore(abstract)
+      dataset.restore(extra["data"])
+      log.info("stage %r: resumed from step %d", name, int(state.step))
+    else:
+      params = self.initial_params(name, stage, role, model, model_cfg, strategy, rng)
+      params = put_global(params, param_sh)
+      state = jax.jit(init_state, out_shardings=shardings)(params, rng)
+
+    batch_sh = sharding.batch_sharding(mesh)
+    loss_fn = strategy.loss_fn
+
+    def train_step(state: TrainState, teacher_params, batch):
+      step_rng = jax.random.fold_in(state.rng, state.step)
+
+      def objective(params):
+        return loss_fn(params, teacher_params, batch, step_rng, state.step)
+
+      (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      accum = int(opt_cfg.get("grad_accum_steps", 1))
+      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                     learning_rate=schedule(state.step // accum))
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    teacher_sh = (jax.tree.map(lambda x: x.sharding, teacher_params)
+                  if teacher_params is not None else None)
+    step_fn = jax.jit(train_step, in_shardings=(shardings, teacher_sh, batch_sh),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+
+    try:
+      return self.loop(name, stage, state, step_fn, teacher_params, dataset, batch_sh,
+                       checkpointer, num_steps)
+    finally:
+      checkpointer.close()
+
+  def loop(self, name, stage, state, step_fn, teacher_params, dataset, batch_sh, checkpointer,
+           num_steps) -> bool:
+    role = stage_role(stage)
+    log_every = int(self.config.get("log_every_steps", 50))
+    tokens_per_step = dataset.global_batch_size * int(self.config.data.max_seq_length)
+    throughput = Throughput()
+    pending: list[tuple[int, Any]] = []
+    start = int(state.step)
+    throughput.update(start, tokens_per_step)
+    prefetcher = prefetch_to_device(dataset, size=2, sharding=batch_sh)
+
+    def check_pending() -> dict | None:
+      last = None
+      for step, metrics in pending:
+        host = jax.device_get(metrics)
+        bad = all_finite(host)
+        if bad is not None:
+          raise TrainingDivergedError(
+              f"stage {name!r}: loss term {bad!r} is {float(np.asarray(host[bad]))} at step "
+              f"{step}; stopping without saving (the last good checkpoint is kept in "
+              f"{os.path.join(self.workdir, name, 'checkpoints')})")
+        last = (step, host)
+      pending.clear()
+      return last
+
+    def save(step, force=False):
+      checkpointer.save(step, state, {"data": prefetcher.state(), "stage": name}, force=force)
+
+    try:
+      for step in range(start, num_steps):
+        batch = next(prefetcher)
+        state, metrics = step_fn(state, teacher_params, batch)
+        pending.append((step + 1, metrics))
+        done = step + 1
+        if done % log_every == 0 or done == num_steps or self.stop.signal is not None:
+          last = check_pending()
+          if last is not None:
+            scalars = {k: float(np.asarray(v)) for k, v in last[1].items()}
+            scalars.update(throughput.update(done, tokens_per_step), total_steps=num_steps)
+            self.writer.write(done, scalars, stage=name)
+        if checkpointer.should_save(done) or self.stop.signal is not None:
+          check_pending()
+          save(done, force=self.stop.signal is not None)
+        if self.stop.signal is not None and done < num_steps:
+          checkpointer.wait_until_finished()
+          return False
+      check_pending()
+      save(num_steps, force=True)
+      checkpointer.wait_until_finished()
+    finally:
+      prefetcher.close()
+      self.writer.flush()
+    self.latest[role] = to_host(state.params["model"])
+    if self.primary:
+      pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
+                                 self.model_configs[role], self.latest[role], "pretraining",
+                                 tokenizer_dir=self.tokenizer_dir(),
+                                 extra={"stage": name, "strategy": stage.strategy})
+    return True
+
+  def initial_params(self, name, stage, role, model, model_cfg, strategy, rng) -> dict:
+    """Parameters a stage starts from: the role's latest model, a checkpoint, or a fresh init
+    (for students, with embeddings and heads copied from the teacher where shapes match)."""
+    model_key, aux_key = jax.random.split(rng)
+    params = {"model": None, "aux": jax.tree.map(np.asarray, strategy.aux_init(aux_key))}
+    if self.latest[role] is not None:
+      params["model"] = self.latest[role]
+      log.info("stage %r: starting from the %s trained so far", name, role)
+      return params
+    ckpt = self.config.get(f"{role}_checkpoint", "")
+    if ckpt:
+      _, params["model"] = pretrained.load_pretrained(ckpt, "pretraining")
+      params["model"] = to_host(params["model"])
+      return params
+    fresh = jax.tree.map(np.asarray, pretrained.init_params(model, model_cfg, model_key))
+    if role == "student" and stage.get("copy_from_teacher", True) and \
+        self.latest["teacher"] is not None:
+      teacher = self.latest["teacher"]
+      copied = []
+      for top in ("mlm", "nsp"):
+        if top in teacher and top in fresh:
+          copied += copy_matching(fresh[top], teacher[top], f"{top}/")
+      for sub in ("embeddings", "pooler"):
+        if sub in teacher["backbone"] and sub in fresh["backbone"]:
+          copied += copy_matching(fresh["backbone"][sub], teacher["backbone"][sub],
+                                  f"backbone/{sub}/")
+      log.info("stage %r: copied %d tensors (embeddings and heads) from the teacher", name,
+               len(copied))
+    params["model"] = fresh
+    return params
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  """Entry point used by `main`: runs every stage of `config` in `workdir`."""
+  return Trainer(config, workdir).run()
