@@ -41,7 +41,8 @@ def create_mesh(shape: Mapping[str, int] | None = None,
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor); one size may be -1 (all remaining devices).
 
-  `shape` defaults to pure data parallelism over every device.
+  `shape` defaults to pure data parallelism over every device; a shape that names every axis
+  size explicitly (no -1) may use the first N devices only.
   """
   devices = list(devices if devices is not None else jax.devices())
   sizes = {axis: 1 for axis in MESH_AXES}
@@ -56,6 +57,8 @@ def create_mesh(shape: Mapping[str, int] | None = None,
   if known <= 0 or len(devices) % known:
     raise ValueError(f"mesh shape {sizes} does not divide the {len(devices)} available devices")
   sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
+  if -1 not in dict(shape or {}).values() and "data" in dict(shape or {}):
+    devices = devices[:int(np.prod(list(sizes.values())))]  # fully explicit: a device subset
   if int(np.prod(list(sizes.values()))) != len(devices):
     raise ValueError(f"mesh shape {sizes} uses {int(np.prod(list(sizes.values())))} devices but "
                      f"{len(devices)} are available")

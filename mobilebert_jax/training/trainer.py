@@ -363,7 +363,9 @@ class Trainer:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       accum = int(opt_cfg.get("grad_accum_steps", 1))
+      # param_norm catches an update that made the weights non-finite before it is saved.
       metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                     param_norm=optax.global_norm(params),
                      learning_rate=schedule(state.step // accum))
       return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -383,10 +385,9 @@ class Trainer:
     role = stage_role(stage)
     log_every = int(self.config.get("log_every_steps", 50))
     tokens_per_step = dataset.global_batch_size * int(self.config.data.max_seq_length)
-    throughput = Throughput()
     pending: list[tuple[int, Any]] = []
     start = int(state.step)
-    throughput.update(start, tokens_per_step)
+    throughput = Throughput(start_step=start)
     prefetcher = prefetch_to_device(dataset, size=2, sharding=batch_sh)
 
     def check_pending() -> dict | None:
