@@ -60,7 +60,11 @@ def read_native_meta(path: str) -> dict:
 
 def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
                     tokenizer_dir: str | None = None, extra: Mapping | None = None) -> None:
-  """Writes a native directory: metadata + config JSON, orbax params, tokenizer files."""
+  """Writes a native directory: metadata + config JSON, orbax params, tokenizer files.
+
+  In multi-process runs every process must call this (the orbax write is collective); only
+  process 0 writes the JSON and copies the tokenizer files.
+  """
   import orbax.checkpoint as ocp
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}; valid heads: {sorted(HEADS)}")
@@ -71,6 +75,8 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, host_params, force=True)
   checkpointer.wait_until_finished()
+  if jax.process_index() != 0:
+    return
   meta = {"format": "mobilebert_jax", "version": FORMAT_VERSION, "head": head,
           "model": config.to_dict(), **(extra or {})}
   with open(os.path.join(path, NATIVE_CONFIG), "w") as f:

@@ -232,6 +232,12 @@ class Trainer:
                               stage.strategy)
       if stage_role(stage) == "teacher":
         teacher_trained = True
+      opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
+      opt_cfg.total_steps = int(stage.num_steps)
+      try:
+        optim.create_optimizer(opt_cfg)
+      except ValueError as e:
+        raise ValueError(f"config.{name}.optimizer: {e}") from e
     # Data: file existence, emptiness and vocabulary size, before any compilation.
     self.dataset_for(self.names[0], 0).check_vocab_size(
         min(c.vocab_size for c in self.model_configs.values()))
@@ -268,9 +274,8 @@ class Trainer:
 
   def export_role(self, role: str, stage: str) -> str:
     path = os.path.join(self.workdir, role)
-    if self.primary:
-      pretrained.save_pretrained(path, self.model_configs[role], self.latest[role], "pretraining",
-                                 tokenizer_dir=self.tokenizer_dir(), extra={"stage": stage})
+    pretrained.save_pretrained(path, self.model_configs[role], self.latest[role], "pretraining",
+                               tokenizer_dir=self.tokenizer_dir(), extra={"stage": stage})
     return path
 
   def tokenizer_dir(self) -> str:
@@ -432,11 +437,10 @@ class Trainer:
       prefetcher.close()
       self.writer.flush()
     self.latest[role] = to_host(state.params["model"])
-    if self.primary:
-      pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
-                                 self.model_configs[role], self.latest[role], "pretraining",
-                                 tokenizer_dir=self.tokenizer_dir(),
-                                 extra={"stage": name, "strategy": stage.strategy})
+    pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
+                               self.model_configs[role], self.latest[role], "pretraining",
+                               tokenizer_dir=self.tokenizer_dir(),
+                               extra={"stage": name, "strategy": stage.strategy})
     return True
 
   def initial_params(self, name, stage, role, model, model_cfg, strategy, rng) -> dict:
