@@ -369,8 +369,8 @@ class Trainer:
       params = optax.apply_updates(state.params, updates)
       accum = int(opt_cfg.get("grad_accum_steps", 1))
       # param_norm catches an update that made the weights non-finite before it is saved.
-      metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                     param_norm=optax.global_norm(params),
+      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                     param_norm=optax.tree.norm(params),
                      learning_rate=schedule(state.step // accum))
       return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

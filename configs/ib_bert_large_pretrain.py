@@ -1,0 +1,34 @@
+"""Reference teacher run: IB-BERT-large pretrained with MLM + NSP (MobileBERT paper).
+
+500k steps at batch 4096 with LAMB on 256 TPU v3 chips in the paper. Point the data at a prepared
+tensorflow-datasets directory (or text files) and the BERT uncased vocab:
+
+  python -m mobilebert_jax.main --config=configs/ib_bert_large_pretrain.py --workdir=gs://B/ibbert \
+    --config.data.tfds_data_dir=gs://B/tfds --config.data.vocab_path=/path/to/vocab.txt
+"""
+
+import ml_collections
+
+from mobilebert_jax.default_config import get_config as demo_config
+from mobilebert_jax.default_config import optimizer
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = demo_config()
+  c.stages = "teacher_pretrain"
+  c.dtype = "bfloat16"
+  c.teacher = ml_collections.ConfigDict(dict(preset="ib_bert_large"))
+  c.student = ml_collections.ConfigDict(dict(preset="mobilebert"))
+  c.data.update(dict(input_files=None, tfds_name="wikipedia/20230601.en", tfds_data_dir="",
+                     vocab_path="", max_seq_length=512, max_predictions_per_seq=20,
+                     batch_size=4096, dupe_factor=1))
+  c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
+  c.log_every_steps = 100
+  # The paper does not state the teacher's learning rate; this is MobileBERT's distillation rate.
+  c.teacher_pretrain = ml_collections.ConfigDict(dict(
+      strategy="pretrain", model="teacher", num_steps=500_000,
+      optimizer=optimizer(learning_rate=1.5e-3, warmup_steps=10_000)))
+  del c["pkt"], c["pd"]
+  c.teacher.remat = True
+  return c

@@ -1,0 +1,53 @@
+"""Every shipped config loads through the CLI flag machinery and validates before any compute."""
+
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mobilebert_jax.distill import strategies
+from mobilebert_jax.training.trainer import model_config, stage_names
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+EXPECTED = {
+    "demo.py": ("teacher_pretrain,pkt,pd", "ib_bert_large", "mobilebert"),
+    "ib_bert_large_pretrain.py": ("teacher_pretrain", "ib_bert_large", "mobilebert"),
+    "mobilebert_distill.py": ("pkt,pd", "ib_bert_large", "mobilebert"),
+    "mobilebert_tiny_distill.py": ("pkt,pd", "ib_bert_large", "mobilebert_tiny"),
+    "tinybert_general_distill.py": ("general", "bert_base", "tinybert_4l"),
+}
+
+
+def load(name):
+  values = flags.FlagValues()
+  path = os.path.join(CONFIG_DIR, name)
+  config_flags.DEFINE_config_file("config", path, flag_values=values)
+  values(["prog", f"--config={path}"])
+  return values.config
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_and_validates(name):
+  stages, teacher, student = EXPECTED[name]
+  config = load(name)
+  assert ",".join(stage_names(config)) == stages
+  assert config.teacher.preset == teacher and config.student.preset == student
+  model_config(config.teacher, "config.teacher")
+  model_config(config.student, "config.student")
+  for stage in stages.split(","):
+    strategies.check_strategy(config[stage].strategy, stage)
+
+
+def test_reference_distillation_hyper_parameters():
+  config = load("mobilebert_distill.py")
+  assert config.pkt.optimizer.learning_rate == 1.5e-3
+  assert config.pkt.optimizer.warmup_steps == 10_000
+  assert config.pkt.optimizer.optimizer == "lamb"
+  assert (config.data.batch_size, config.data.max_seq_length) == (2048, 512)
+  assert config.data.max_predictions_per_seq == 20
+  assert (config.pkt.num_steps, config.pd.num_steps) == (240_000, 500_000)
+  assert (config.pkt.hidden_factor, config.pkt.beta_factor, config.pkt.gamma_factor) == (
+      100.0, 5000.0, 5.0)
+  assert (config.pd.alpha, config.pd.temperature) == (0.5, 1.0)
+
