@@ -349,7 +349,7 @@ def test_attention_score_loss_threshold_without_mask():
     diff = np.where(MASK[:, None, None, :] > 0, s - t, 0.0).astype(np.float64)
     expected = (diff ** 2).mean()  # every (q, k) pair counts when no mask is given
     assert_close(obj.attention_score_loss(s_masked, t), expected)
-    with pytest.raises(ValueError, match="student has 3 heads, teacher has 2"):
+    with pytest.raises(ValueError, match="teacher has 2 heads, student has 3"):
         obj.attention_score_loss(s, t[:, :2])
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 

@@ -39,6 +39,24 @@ def check_same_shape(name_a: str, a, name_b: str, b) -> None:
             f"{tuple(jnp.shape(a))} and {tuple(jnp.shape(b))}")
 
 
+def check_attention_pair(loss: str, what: str, teacher, student) -> tuple[int, int]:
+    """Validates teacher/student self-attention maps [B,heads,L,L]; returns (B, L).
+
+    Errors name the loss (`loss`), the kind of map (`what`) and both head counts or shapes.
+    """
+    check_rank(f"teacher_{what}", teacher, 4, "[B,heads,L,L]")
+    check_rank(f"student_{what}", student, 4, "[B,heads,L,L]")
+    t_heads, s_heads = jnp.shape(teacher)[1], jnp.shape(student)[1]
+    if t_heads != s_heads:
+        raise ValueError(f"{loss} needs equal head counts: teacher has {t_heads} heads, "
+                         f"student has {s_heads}")
+    check_same_shape(f"teacher_{what}", teacher, f"student_{what}", student)
+    b, _, lq, lk = jnp.shape(teacher)
+    if lq != lk:
+        raise ValueError(f"attention {what} must be self-attention (Lq == Lk), got Lq={lq}, Lk={lk}")
+    return b, lq
+
+
 def token_mask(attention_mask: Optional[Array], batch_shape: Sequence[int]) -> Array:
     """Returns a float32 [B,L] mask (1 = real token); `None` means every token is real.
 

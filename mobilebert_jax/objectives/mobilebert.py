@@ -16,7 +16,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from mobilebert_jax.objectives.common import (as_f32, check_rank, check_same_shape,
+from mobilebert_jax.objectives.common import (as_f32, check_attention_pair, check_rank,
+                                              check_same_shape,
                                               masked_mean, soft_cross_entropy, token_mask,
                                               weighted_mean)
 from mobilebert_jax.objectives.pretraining import mlm_loss, nsp_loss
@@ -102,17 +103,7 @@ def attention_transfer(teacher_probs: Array, student_probs: Array,
     log-probabilities when `log_inputs=True`. Keys with mask 0 and keys where the
     teacher probability is 0 contribute nothing. Head counts must match.
     """
-    check_rank("teacher_probs", teacher_probs, 4, "[B,heads,Lq,Lk]")
-    check_rank("student_probs", student_probs, 4, "[B,heads,Lq,Lk]")
-    t_heads, s_heads = jnp.shape(teacher_probs)[1], jnp.shape(student_probs)[1]
-    if t_heads != s_heads:
-        raise ValueError(
-            f"attention transfer needs equal head counts: teacher has {t_heads} heads, "
-            f"student has {s_heads}")
-    check_same_shape("teacher_probs", teacher_probs, "student_probs", student_probs)
-    b, _, lq, lk = jnp.shape(teacher_probs)
-    if lq != lk:
-        raise ValueError(f"attention maps must be self-attention (Lq == Lk), got Lq={lq}, Lk={lk}")
+    b, lq = check_attention_pair("attention transfer", "probs", teacher_probs, student_probs)
     mask = token_mask(attention_mask, (b, lq))
 
     # Entries at padded queries or keys are replaced by a harmless constant before any

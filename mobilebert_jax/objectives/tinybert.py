@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilebert_jax.objectives.common import (as_f32, check_rank, check_same_shape,
+from mobilebert_jax.objectives.common import (as_f32, check_attention_pair, check_rank,
                                               masked_mean, soft_cross_entropy, token_mask,
                                               weighted_mean)
 
@@ -93,18 +93,8 @@ def attention_score_loss(student_scores: Array, teacher_scores: Array,
     score is <= `masked_threshold` (already-masked entries). Padded query rows are
     excluded from the mean. Head counts must match.
     """
-    check_rank("student_scores", student_scores, 4, "[B,heads,L,L]")
-    check_rank("teacher_scores", teacher_scores, 4, "[B,heads,L,L]")
-    s_heads, t_heads = jnp.shape(student_scores)[1], jnp.shape(teacher_scores)[1]
-    if s_heads != t_heads:
-        raise ValueError(
-            f"attention score loss needs equal head counts: student has {s_heads} heads, "
-            f"teacher has {t_heads}")
-    check_same_shape("student_scores", student_scores, "teacher_scores", teacher_scores)
-    b, _, lq, lk = jnp.shape(student_scores)
-    if lq != lk:
-        raise ValueError(
-            f"attention scores must be self-attention (Lq == Lk), got Lq={lq}, Lk={lk}")
+    b, lq = check_attention_pair("attention score loss", "scores", teacher_scores,
+                                 student_scores)
     mask = token_mask(attention_mask, (b, lq))
     pairs = (mask[:, None, :, None] > 0) & (mask[:, None, None, :] > 0)  # [B,1,Lq,Lk]
     s = as_f32(student_scores)

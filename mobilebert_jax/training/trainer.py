@@ -261,15 +261,13 @@ class Trainer:
       os.makedirs(self.workdir, exist_ok=True)
       self.writer.write_config(self.config)
     outputs = {}
-    with self.stop.installed():
+    with self.stop.installed(), contextlib.closing(self.writer):
       for index, name in enumerate(self.names):
         role = stage_role(self.config[name])
-        finished = self.run_stage(name, index)
-        if not finished:
+        if not self.run_stage(name, index):
           log.warning("stopped during stage %r; rerun the same command to resume", name)
           return outputs
         outputs[role] = self.export_role(role, name)
-    self.writer.close()
     return outputs
 
   def export_role(self, role: str, stage: str) -> str:
