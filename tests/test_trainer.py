@@ -188,3 +188,26 @@ def test_teacher_checkpoint_of_wrong_shape(tmp_path):
   with pytest.raises(ValueError, match="hidden_size: checkpoint 64 vs config 128"):
     Trainer(c, str(tmp_path / "s"))
   assert sample_text_path().exists()
+
+
+@pytest.mark.parametrize("strategy", ["akt", "jkt", "tinybert"])
+def test_other_strategies_train_with_finite_losses(strategy, tmp_path):
+  c = tiny_config("teacher_pretrain,distill", steps=(2,))
+  c.distill = dict(strategy=strategy, model="student", num_steps=3, alpha=0.5, temperature=1.0,
+                   layer_mapping="uniform", optimizer=c.pd.optimizer.to_dict(),
+                   **default_config.transfer_factors())
+  c.distill.optimizer.warmup_steps = 1
+  if strategy == "tinybert":  # a narrower BERT-style student: projections 32 -> 64 are learned
+    c.student = dict(preset="tinybert_4l", vocab_size=c.teacher.vocab_size, embedding_size=32,
+                     hidden_size=32, intra_size=32, num_layers=2, num_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+  Trainer(c, str(tmp_path)).run()
+  rows = [m for m in read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+          if m["stage"] == "distill"]
+  assert len(rows) == 3 and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in rows)
+  expected = {"akt": {"fmt_hidden", "attention", "kd", "mlm", "nsp"},
+              "jkt": {"fmt_hidden", "fmt_beta", "fmt_gamma", "attention"},
+              "tinybert": {"embedding", "attention", "hidden"}}[strategy]
+  assert expected <= set(rows[0])
+  model, params = load_pretrained(os.path.join(tmp_path, "student"))
+  assert model.config.hidden_size == (32 if strategy == "tinybert" else 64)
