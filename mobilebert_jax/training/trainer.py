@@ -307,15 +307,6 @@ class Trainer:
     strategy = strategies.build_strategy(stage, model, teacher_model)
 
     num_steps = int(stage.num_steps)
-    opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
-    opt_cfg.total_steps = num_steps
-    boxed_params_shape = None
-
-    def multiplier_fn(step):
-      return strategy.multipliers(step, boxed_params_shape)
-    tx, schedule = optim.create_optimizer(
-        opt_cfg, multiplier_fn if strategy.multipliers else None)
-
     seed = int(self.config.get("seed", 0)) + 1000 * index
     rng = jax.random.PRNGKey(seed)
 
@@ -324,13 +315,20 @@ class Trainer:
       return {"model": pretrained.init_params(model, model_cfg, model_key, boxed=True),
               "aux": strategy.aux_init(aux_key)}
 
+    abstract_boxed_params = jax.eval_shape(boxed_params, rng)
+    params_shape = nn.meta.unbox(abstract_boxed_params)
+    opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
+    opt_cfg.total_steps = num_steps
+    multiplier_fn = None
+    if strategy.multipliers is not None:
+      multiplier_fn = lambda step: strategy.multipliers(step, params_shape)
+    tx, schedule = optim.create_optimizer(opt_cfg, multiplier_fn)
+
     def init_state(params, key):
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                         rng=key)
 
-    abstract_boxed_params = jax.eval_shape(boxed_params, rng)
-    boxed_params_shape = nn.meta.unbox(abstract_boxed_params)
-    abstract_boxed_state = jax.eval_shape(lambda p, k: init_state(p, k), abstract_boxed_params, rng)
+    abstract_boxed_state = jax.eval_shape(init_state, abstract_boxed_params, rng)
     shardings = state_shardings(abstract_boxed_state, mesh, rules)
     param_sh = shardings.params
 
