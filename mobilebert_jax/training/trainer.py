@@ -334,6 +334,10 @@ class Trainer:
 
     dataset = self.dataset_for(name, index)
     dataset.check_vocab_size(model_cfg.vocab_size)
+    if dataset.vocab_size < model_cfg.vocab_size:
+      log.warning("stage %r: the tokenizer %s has %d tokens but the %s has vocab_size %d; set "
+                  "config.data.vocab_path to the model's vocab if this is not intended", name,
+                  dataset.vocab_path, dataset.vocab_size, role, model_cfg.vocab_size)
     checkpointer = Checkpointer(
         os.path.join(self.workdir, name, "checkpoints"),
         save_every_steps=int(self.config.checkpoint.save_every_steps),
