@@ -34,8 +34,15 @@ def initialize_distributed() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-    jax.distributed.initialize()
+  elif on_cloud_tpu():
+    jax.distributed.initialize()  # finds the other workers through the TPU VM metadata
+
+
+def on_cloud_tpu() -> bool:
+  """Whether this process runs on a Cloud TPU VM (or a TPU pod on GKE)."""
+  env = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "TPU_ACCELERATOR_TYPE", "TPU_NAME")
+  return any(os.environ.get(name) for name in env) or os.path.exists("/dev/accel0") or \
+      os.path.exists("/dev/vfio/0")
 
 
 def main(argv):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from mobilebert_jax.interop import hf
 from mobilebert_jax.models import HEADS, ModelConfig, build_model
@@ -43,14 +44,18 @@ def init_params(model: nn.Module, config: ModelConfig, rng: jax.Array, boxed: bo
   return params if boxed else nn.meta.unbox(params)
 
 
+def _absolute(path: str) -> str:
+  """Absolute local path; URLs (gs://...) are left as they are."""
+  return path if "://" in str(path) else os.path.abspath(path)
+
+
 def is_native_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, NATIVE_CONFIG))
+  return epath.Path(path, NATIVE_CONFIG).exists()
 
 
 def read_native_meta(path: str) -> dict:
   meta_path = os.path.join(path, NATIVE_CONFIG)
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(epath.Path(meta_path).read_text())
   if meta.get("format") != "mobilebert_jax":
     raise ValueError(f"{meta_path}: not a mobilebert_jax checkpoint (format={meta.get('format')!r})")
   if meta.get("head") not in HEADS:
@@ -68,8 +73,8 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
   import orbax.checkpoint as ocp
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}; valid heads: {sorted(HEADS)}")
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+  path = _absolute(path)
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
   params_dir = os.path.join(path, NATIVE_PARAMS)
   host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(params))
   checkpointer = ocp.StandardCheckpointer()
@@ -79,21 +84,20 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
     return
   meta = {"format": "mobilebert_jax", "version": FORMAT_VERSION, "head": head,
           "model": config.to_dict(), **(extra or {})}
-  with open(os.path.join(path, NATIVE_CONFIG), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  epath.Path(path, NATIVE_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
   hf.copy_tokenizer_files(tokenizer_dir, path)
 
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, str, dict]:
   """Reads (config, head, params as numpy) from a native or Hugging Face directory."""
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   if is_native_dir(path):
     import orbax.checkpoint as ocp
     meta = read_native_meta(path)
     config = ModelConfig.from_dict(meta["model"], source=os.path.join(path, NATIVE_CONFIG))
-    params_dir = os.path.join(os.path.abspath(path), NATIVE_PARAMS)
-    if not os.path.isdir(params_dir):
+    params_dir = os.path.join(_absolute(path), NATIVE_PARAMS)
+    if not epath.Path(params_dir).is_dir():
       raise FileNotFoundError(f"{path}: {NATIVE_CONFIG} present but no {NATIVE_PARAMS}/ directory")
     params = ocp.StandardCheckpointer().restore(params_dir)
     return config, meta["head"], jax.tree.map(np.asarray, params)

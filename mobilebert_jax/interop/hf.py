@@ -11,10 +11,10 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
 from mobilebert_jax.models.config import ModelConfig
 
@@ -458,9 +458,9 @@ def copy_tokenizer_files(src: str | None, dst: str) -> list[str]:
   if not src:
     return copied
   for name in TOKENIZER_FILES:
-    source = os.path.join(src, name)
-    if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(
-        os.path.join(dst, name)):
-      shutil.copyfile(source, os.path.join(dst, name))
+    source, target = epath.Path(src, name), epath.Path(dst, name)
+    same = "://" not in str(dst) and os.path.abspath(source) == os.path.abspath(target)
+    if source.is_file() and not same:
+      source.copy(target, overwrite=True)
       copied.append(name)
   return copied

@@ -168,6 +168,15 @@ class _StopRequest:
     self.signal = signum
     log.warning("received signal %d: saving a checkpoint at the current step, then exiting", signum)
 
+  def agreed(self) -> bool:
+    """Whether any process was signalled; every process calls this at every step, so all of
+    them stop (and save collectively) at the same step even if their signals arrive apart."""
+    local = self.signal is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local, np.int32))))
+
   @contextlib.contextmanager
   def installed(self):
     previous = {}
@@ -418,16 +427,17 @@ class Trainer:
         state, metrics = step_fn(state, teacher_params, batch)
         pending.append((step + 1, metrics))
         done = step + 1
-        if done % log_every == 0 or done == num_steps or self.stop.signal is not None:
+        stopping = self.stop.agreed()
+        if done % log_every == 0 or done == num_steps or stopping:
           last = check_pending()
           if last is not None:
             scalars = {k: float(np.asarray(v)) for k, v in last[1].items()}
             scalars.update(throughput.update(done, tokens_per_step), total_steps=num_steps)
             self.writer.write(done, scalars, stage=name)
-        if checkpointer.should_save(done) or self.stop.signal is not None:
+        if checkpointer.should_save(done) or stopping:
           check_pending()
-          save(done, force=self.stop.signal is not None)
-        if self.stop.signal is not None and done < num_steps:
+          save(done, force=stopping)
+        if stopping and done < num_steps:
           checkpointer.wait_until_finished()
           return False
       check_pending()
