@@ -23,7 +23,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "torch"],
+        "test": ["pytest", "torch", "scikit-learn", "scipy"],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
     },
 )
