@@ -57,6 +57,24 @@ class TrainState:
   rng: jax.Array
 
 
+@dataclasses.dataclass
+class CompiledStage:
+  """Everything one stage's loop needs (see `Trainer.build_stage`)."""
+  name: str
+  stage: Any
+  role: str
+  model: nn.Module
+  model_config: ModelConfig
+  strategy: strategies.Strategy
+  rng: jax.Array
+  shardings: Any          # NamedShardings of the TrainState
+  abstract_state: Any     # ShapeDtypeStructs with those shardings (for restoring)
+  batch_sharding: Any
+  teacher_params: Any     # on the mesh, or None
+  init_state: Any         # jitted (params, rng) -> TrainState
+  step_fn: Any            # jitted (state, teacher_params, batch) -> (state, metrics)
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -292,16 +310,14 @@ class Trainer:
       vocab = str(sample_vocab_path())
     return vocab if os.path.isdir(vocab) else os.path.dirname(vocab)
 
-  def run_stage(self, name: str, index: int) -> bool:
-    """Trains one stage to its end (True) or until a stop signal (False)."""
+  def build_stage(self, name: str, index: int) -> "CompiledStage":
+    """Models, strategy, optimizer, shardings and the jitted train step of one stage.
+
+    The teacher (for distillation strategies) is the latest trained or loaded one and is placed
+    on the mesh here. Nothing is initialised or compiled yet: `init_state` and `step_fn` are
+    jitted functions (compiled on first call)."""
     stage = self.config[name]
     role = stage_role(stage)
-    final_dir = os.path.join(self.workdir, name, "final")
-    if pretrained.is_native_dir(final_dir):
-      log.info("stage %r already finished; loading %s", name, final_dir)
-      self.latest[role] = pretrained.read_checkpoint(final_dir)[2]
-      return True
-
     mesh, rules = self.mesh, self.rules
     model_cfg = self.model_configs[role]
     model = build_model(model_cfg, "pretraining", dtype=self.dtype)
@@ -314,10 +330,7 @@ class Trainer:
       teacher_params = put_global(self.latest["teacher"],
                                   sharding.param_shardings(teacher_boxed, mesh, rules))
     strategy = strategies.build_strategy(stage, model, teacher_model)
-
-    num_steps = int(stage.num_steps)
-    seed = int(self.config.get("seed", 0)) + 1000 * index
-    rng = jax.random.PRNGKey(seed)
+    rng = jax.random.PRNGKey(int(self.config.get("seed", 0)) + 1000 * index)
 
     def boxed_params(key):
       model_key, aux_key = jax.random.split(key)
@@ -327,11 +340,12 @@ class Trainer:
     abstract_boxed_params = jax.eval_shape(boxed_params, rng)
     params_shape = nn.meta.unbox(abstract_boxed_params)
     opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
-    opt_cfg.total_steps = num_steps
+    opt_cfg.total_steps = int(stage.num_steps)
     multiplier_fn = None
     if strategy.multipliers is not None:
       multiplier_fn = lambda step: strategy.multipliers(step, params_shape)
     tx, schedule = optim.create_optimizer(opt_cfg, multiplier_fn)
+    accum = int(opt_cfg.get("grad_accum_steps", 1))
 
     def init_state(params, key):
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -339,44 +353,20 @@ class Trainer:
 
     abstract_boxed_state = jax.eval_shape(init_state, abstract_boxed_params, rng)
     shardings = state_shardings(abstract_boxed_state, mesh, rules)
-    param_sh = shardings.params
-
-    dataset = self.dataset_for(name, index)
-    dataset.check_vocab_size(model_cfg.vocab_size)
-    if dataset.vocab_size < model_cfg.vocab_size:
-      log.warning("stage %r: the tokenizer %s has %d tokens but the %s has vocab_size %d; set "
-                  "config.data.vocab_path to the model's vocab if this is not intended", name,
-                  dataset.vocab_path, dataset.vocab_size, role, model_cfg.vocab_size)
-    checkpointer = Checkpointer(
-        os.path.join(self.workdir, name, "checkpoints"),
-        save_every_steps=int(self.config.checkpoint.save_every_steps),
-        keep=int(self.config.checkpoint.get("keep", 3)),
-        async_save=bool(self.config.checkpoint.get("async_save", True)))
-
-    if checkpointer.latest_step() is not None:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              nn.meta.unbox(abstract_boxed_state), shardings)
-      state, extra = checkpointer.restore(abstract)
-      dataset.restore(extra["data"])
-      log.info("stage %r: resumed from step %d", name, int(state.step))
-    else:
-      params = self.initial_params(name, stage, role, model, model_cfg, strategy, rng)
-      params = put_global(params, param_sh)
-      state = jax.jit(init_state, out_shardings=shardings)(params, rng)
-
+    abstract_state = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        nn.meta.unbox(abstract_boxed_state), shardings)
     batch_sh = sharding.batch_sharding(mesh)
-    loss_fn = strategy.loss_fn
 
     def train_step(state: TrainState, teacher_params, batch):
       step_rng = jax.random.fold_in(state.rng, state.step)
 
       def objective(params):
-        return loss_fn(params, teacher_params, batch, step_rng, state.step)
+        return strategy.loss_fn(params, teacher_params, batch, step_rng, state.step)
 
       (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      accum = int(opt_cfg.get("grad_accum_steps", 1))
       # param_norm catches an update that made the weights non-finite before it is saved.
       metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                      param_norm=optax.tree.norm(params),
@@ -385,12 +375,49 @@ class Trainer:
 
     teacher_sh = (jax.tree.map(lambda x: x.sharding, teacher_params)
                   if teacher_params is not None else None)
-    step_fn = jax.jit(train_step, in_shardings=(shardings, teacher_sh, batch_sh),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    return CompiledStage(
+        name=name, stage=stage, role=role, model=model, model_config=model_cfg,
+        strategy=strategy, rng=rng, shardings=shardings, abstract_state=abstract_state,
+        batch_sharding=batch_sh, teacher_params=teacher_params,
+        init_state=jax.jit(init_state, out_shardings=shardings),
+        step_fn=jax.jit(train_step, in_shardings=(shardings, teacher_sh, batch_sh),
+                        out_shardings=(shardings, None), donate_argnums=(0,)))
+
+  def run_stage(self, name: str, index: int) -> bool:
+    """Trains one stage to its end (True) or until a stop signal (False)."""
+    stage = self.config[name]
+    role = stage_role(stage)
+    final_dir = os.path.join(self.workdir, name, "final")
+    if pretrained.is_native_dir(final_dir):
+      log.info("stage %r already finished; loading %s", name, final_dir)
+      self.latest[role] = pretrained.read_checkpoint(final_dir)[2]
+      return True
+
+    cs = self.build_stage(name, index)
+    dataset = self.dataset_for(name, index)
+    dataset.check_vocab_size(cs.model_config.vocab_size)
+    if dataset.vocab_size < cs.model_config.vocab_size:
+      log.warning("stage %r: the tokenizer %s has %d tokens but the %s has vocab_size %d; set "
+                  "config.data.vocab_path to the model's vocab if this is not intended", name,
+                  dataset.vocab_path, dataset.vocab_size, role, cs.model_config.vocab_size)
+    checkpointer = Checkpointer(
+        os.path.join(self.workdir, name, "checkpoints"),
+        save_every_steps=int(self.config.checkpoint.save_every_steps),
+        keep=int(self.config.checkpoint.get("keep", 3)),
+        async_save=bool(self.config.checkpoint.get("async_save", True)))
+
+    if checkpointer.latest_step() is not None:
+      state, extra = checkpointer.restore(cs.abstract_state)
+      dataset.restore(extra["data"])
+      log.info("stage %r: resumed from step %d", name, int(state.step))
+    else:
+      params = self.initial_params(name, stage, role, cs.model, cs.model_config, cs.strategy,
+                                   cs.rng)
+      state = cs.init_state(put_global(params, cs.shardings.params), cs.rng)
 
     try:
-      return self.loop(name, stage, state, step_fn, teacher_params, dataset, batch_sh,
-                       checkpointer, num_steps)
+      return self.loop(name, stage, state, cs.step_fn, cs.teacher_params, dataset,
+                       cs.batch_sharding, checkpointer, int(stage.num_steps))
     finally:
       checkpointer.close()
 
