@@ -1,0 +1,213 @@
+"""Train-step throughput and model FLOPs utilisation of the trainer's jitted steps.
+
+    python -m benchmarks.train_step --cases=teacher_pretrain,pkt,pd,tinybert \
+        --batch_size=8 --seq_len=128 --steps=5 [--tiny] [--dtype=bfloat16] [--peak_tflops=989]
+
+Each case is one stage of the real trainer (`Trainer.build_stage`): IB-BERT-large teacher
+pretraining (MLM + NSP), MobileBERT PKT and PD from an IB-BERT teacher, and TinyBERT-4L general
+distillation from BERT-base. Weights are random, batches synthetic (no padding); the step is the
+same jitted function training runs, with its shardings over all local devices (data parallel).
+
+FLOPs per step are counted two ways: analytically (6 x trained non-embedding params x tokens +
+2 x teacher params x tokens, attention score/value products, and the vocabulary projection on
+the masked slots) and by XLA's cost analysis of the compiled step. MFU = analytic FLOPs per
+second / peak (given with --peak_tflops, or known for H100/H200 GPUs in bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cases", ["teacher_pretrain", "pkt", "pd", "tinybert"], "Stages to time.")
+flags.DEFINE_integer("batch_size", 8, "Global batch size.")
+flags.DEFINE_integer("seq_len", 128, "Sequence length.")
+flags.DEFINE_integer("predictions", 20, "Masked positions per sequence.")
+flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
+flags.DEFINE_bool("tiny", False, "Use the tiny variants of the presets (quick smoke runs).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU (0: known GPUs only).")
+flags.DEFINE_string("output", "train_step_benchmark.json", "JSON report path ('' to skip).")
+
+# Dense bf16 peak per device, TFLOP/s.
+KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+CASES = {
+    # case: (strategy, trained role, teacher preset, student preset)
+    "teacher_pretrain": ("pretrain", "teacher", "ib_bert_large", "mobilebert"),
+    "pkt": ("pkt", "student", "ib_bert_large", "mobilebert"),
+    "pd": ("pd", "student", "ib_bert_large", "mobilebert"),
+    "tinybert": ("tinybert", "student", "bert_base", "tinybert_4l"),
+}
+
+
+def case_config(case: str):
+  """A trainer config with one stage, `case`, at the benchmark's sizes."""
+  import ml_collections
+  from mobilebert_jax import default_config
+  strategy, role, teacher, student = CASES[case]
+  c = default_config.get_config()
+  c.dtype = FLAGS.dtype
+  c.stages = case
+  # Tiny variants keep a vocabulary the shipped tokenizer fits in (the trainer checks it).
+  vocab = {"vocab_size": 4096} if FLAGS.tiny else {}
+  c.teacher = ml_collections.ConfigDict(dict(preset=teacher, tiny=FLAGS.tiny, **vocab))
+  c.student = ml_collections.ConfigDict(dict(preset=student, tiny=FLAGS.tiny, **vocab))
+  c.data.batch_size = FLAGS.batch_size
+  c.data.max_seq_length = FLAGS.seq_len
+  c.data.max_predictions_per_seq = FLAGS.predictions
+  c[case] = ml_collections.ConfigDict(dict(
+      strategy=strategy, model=role, num_steps=1000, alpha=0.5, temperature=1.0,
+      layer_mapping="uniform", lower_layer_multiplier=0.0, current_layer_multiplier=1.0,
+      optimizer=default_config.optimizer(1e-4, 10), **default_config.transfer_factors()))
+  return c
+
+
+def synthetic_batch(vocab: int, rng):
+  import numpy as np
+  b, l, p = FLAGS.batch_size, FLAGS.seq_len, FLAGS.predictions
+  positions = np.sort(np.stack([rng.choice(np.arange(1, l), p, replace=False) for _ in range(b)]),
+                      axis=1).astype(np.int32)
+  types = np.zeros((b, l), np.int32)
+  types[:, l // 2:] = 1
+  return {
+      "input_ids": rng.integers(5, vocab, (b, l)).astype(np.int32),
+      "attention_mask": np.ones((b, l), np.int32),
+      "token_type_ids": types,
+      "masked_lm_positions": positions,
+      "masked_lm_ids": rng.integers(5, vocab, (b, p)).astype(np.int32),
+      "masked_lm_weights": np.ones((b, p), np.float32),
+      "next_sentence_labels": rng.integers(0, 2, (b,)).astype(np.int32),
+  }
+
+
+def non_embedding_params(params) -> int:
+  """Parameters outside the token/position/type tables and the MLM output rows."""
+  import jax
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if "embeddings" in names and names[-1] == "embedding":
+      continue
+    if names[-1] in ("extra_decoder",) or names[-2:] == ["mlm", "bias"]:
+      continue
+    total += leaf.size
+  return total
+
+
+def analytic_flops(config, params, trained: bool, tokens: int, masked: int) -> float:
+  """Forward (x3 if trained) FLOPs of one model on `tokens` tokens with `masked` MLM slots."""
+  n = non_embedding_params(params)
+  attention = 2 * 2 * config.num_layers * FLAGS.seq_len * config.intra_size * tokens
+  vocab = 2 * config.hidden_size * config.vocab_size * masked
+  forward = 2 * n * tokens + attention + vocab
+  return forward * (3 if trained else 1)
+
+
+def peak_tflops(device) -> float | None:
+  if FLAGS.peak_tflops > 0:
+    return FLAGS.peak_tflops
+  kind = getattr(device, "device_kind", "")
+  for name, peak in KNOWN_PEAKS.items():
+    if name in kind and FLAGS.dtype == "bfloat16":
+      return peak
+  return None
+
+
+def run_case(case: str, workdir: str) -> dict:
+  import jax
+  import numpy as np
+  from mobilebert_jax.models import build_model
+  from mobilebert_jax.pretrained import init_params, save_pretrained
+  from mobilebert_jax.training.trainer import Trainer, model_config, put_global, to_host
+
+  config = case_config(case)
+  strategy, role, _, _ = CASES[case]
+  if strategy != "pretrain":  # a random teacher, loaded the way a real run loads one
+    teacher_cfg = model_config(config.teacher, "teacher")
+    teacher = init_params(build_model(teacher_cfg, "pretraining"), teacher_cfg,
+                          jax.random.PRNGKey(1))
+    config.teacher_checkpoint = os.path.join(workdir, "teacher")
+    save_pretrained(config.teacher_checkpoint, teacher_cfg, teacher, "pretraining")
+  trainer = Trainer(config, workdir)
+  teacher_cfg = trainer.model_configs["teacher"]
+  cs = trainer.build_stage(case, 0)
+  params = {"model": init_params(cs.model, cs.model_config, jax.random.PRNGKey(2)),
+            "aux": cs.strategy.aux_init(jax.random.PRNGKey(3))}
+  state = cs.init_state(put_global(to_host(params), cs.shardings.params), cs.rng)
+  rng = np.random.default_rng(0)
+  host_batch = synthetic_batch(cs.model_config.vocab_size, rng)
+  batch = put_global(host_batch, {k: cs.batch_sharding for k in host_batch})
+
+  start = time.perf_counter()
+  compiled = cs.step_fn.lower(state, cs.teacher_params, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", float("nan")))
+
+  state, metrics = compiled(state, cs.teacher_params, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, cs.teacher_params, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+
+  tokens = FLAGS.batch_size * FLAGS.seq_len
+  masked = FLAGS.batch_size * FLAGS.predictions
+  flops = analytic_flops(cs.model_config, params["model"], True, tokens, masked)
+  if strategy != "pretrain":
+    flops += analytic_flops(teacher_cfg, trainer.latest["teacher"], False, tokens, masked)
+  devices = jax.devices()
+  peak = peak_tflops(devices[0])
+  achieved = flops / step_s / 1e12
+  return {
+      "case": case, "strategy": strategy, "trained": role,
+      "trained_params": int(sum(x.size for x in jax.tree.leaves(params["model"]))),
+      "step_ms": 1000 * step_s, "step_ms_all": [1000 * t for t in times],
+      "tokens_per_sec": tokens / step_s, "compile_s": compile_s,
+      "analytic_tflop_per_step": flops / 1e12, "xla_tflop_per_step": xla_flops / 1e12,
+      "achieved_tflops": achieved,
+      "mfu": achieved / (peak * len(devices)) if peak else None,
+      "loss": float(np.asarray(metrics["loss"])),
+  }
+
+
+def main(argv):
+  del argv
+  import tempfile
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  import jax
+  results = []
+  for case in FLAGS.cases:
+    if case not in CASES:
+      raise app.UsageError(f"unknown case {case!r}; valid: {sorted(CASES)}")
+    with tempfile.TemporaryDirectory() as workdir:
+      result = run_case(case, workdir)
+    results.append(result)
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
+    print(f"{case:17s} {result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10.0f} tok/s "
+          f"{result['achieved_tflops']:8.3f} TFLOP/s (analytic {result['analytic_tflop_per_step']:.4f}"
+          f" vs XLA {result['xla_tflop_per_step']:.4f} TFLOP/step) MFU {mfu}", flush=True)
+  report = {
+      "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_size", "seq_len", "predictions",
+                                                  "steps", "tiny", "dtype", "peak_tflops")},
+      "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
+                  "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__},
+      "results": results,
+  }
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)
