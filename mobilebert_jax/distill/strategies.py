@@ -10,6 +10,8 @@ A strategy is a config entry (`stage.strategy`) plus one function here, not a ne
   pd         pretraining distillation: alpha * MLM + (1 - alpha) * KD(teacher MLM) + NSP.
   tinybert   TinyBERT general distillation: embedding + attention-score + hidden MSE with learned
              projections and a layer mapping.
+  finetune   sequence classification (cross-entropy) or regression (MSE, num_labels = 1) on a
+             downstream task, e.g. GLUE.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import jax.numpy as jnp
 from mobilebert_jax import objectives
 from mobilebert_jax.models import ModelConfig
 
-STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert")
+STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune")
+# The model head each strategy trains (the rest train the MLM + NSP model).
+HEADS = {"finetune": "classification"}
 DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert")
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -42,6 +46,11 @@ class Strategy:
   needs_teacher: bool
   multipliers: Callable[[jax.Array, Any], Any] | None = None
   aux_init: Callable[[jax.Array], dict] = lambda rng: {}
+
+
+def head_for(strategy: str) -> str:
+  """The model head a strategy trains."""
+  return HEADS.get(strategy, "pretraining")
 
 
 def check_strategy(name: str, where: str) -> None:
@@ -132,6 +141,21 @@ def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
 
   def teacher_forward(teacher_params, batch, **flags):
     return _apply(teacher_model, jax.lax.stop_gradient(teacher_params), batch, **flags)
+
+  if name == "finetune":
+    def loss_fn(params, teacher_params, batch, rng, step):
+      logits = student_model.apply(
+          {"params": params["model"]}, batch["input_ids"], batch["attention_mask"],
+          batch["token_type_ids"], deterministic=False, rngs={"dropout": rng}).logits
+      logits = logits.astype(jnp.float32)
+      if student_model.config.num_labels == 1:
+        loss = jnp.mean((logits[:, 0] - batch["labels"]) ** 2)
+        return loss, {"mse": loss}
+      labels = batch["labels"].astype(jnp.int32)
+      loss = objectives.integer_cross_entropy(logits, labels).mean()
+      return loss, {"cross_entropy": loss,
+                    "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    return Strategy(name, loss_fn, needs_teacher=False)
 
   if name == "pretrain":
     def loss_fn(params, teacher_params, batch, rng, step):

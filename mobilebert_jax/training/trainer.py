@@ -41,7 +41,8 @@ from mobilebert_jax.training.metrics import MetricsWriter, Throughput
 log = logging.getLogger("mobilebert_jax")
 ROLES = ("teacher", "student")
 RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
-                 "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules")
+                 "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
+                 "task", "init_checkpoint", "data_dir")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -63,6 +64,7 @@ class CompiledStage:
   name: str
   stage: Any
   role: str
+  head: str
   model: nn.Module
   model_config: ModelConfig
   strategy: strategies.Strategy
@@ -228,6 +230,7 @@ class Trainer:
         "student": model_config(config.student, "config.student"),
     }
     self.latest: dict[str, dict | None] = {"teacher": None, "student": None}
+    self.heads = {"teacher": "pretraining", "student": "pretraining"}  # head of `latest`
     self._check_inputs()
 
   # -- checks before any compute ------------------------------------------------
@@ -248,6 +251,8 @@ class Trainer:
                          f"({detail})")
       self.latest["teacher"] = params
       self.model_configs["teacher"] = loaded
+    if any(cfg[n].strategy == "finetune" for n in self.names):
+      self._load_finetune_init()
     teacher_trained = bool(teacher_ckpt)
     for name in self.names:
       stage = cfg[name]
@@ -266,10 +271,36 @@ class Trainer:
       except ValueError as e:
         raise ValueError(f"config.{name}.optimizer: {e}") from e
     # Data: file existence, emptiness and vocabulary size, before any compilation.
-    self.dataset_for(self.names[0], 0).check_vocab_size(
-        min(c.vocab_size for c in self.model_configs.values()))
+    first = self.names[0]
+    self.dataset_for(first, 0).check_vocab_size(
+        self.model_configs[stage_role(cfg[first])].vocab_size)
 
-  def dataset_for(self, name: str, index: int) -> PretrainingDataset:
+  def _load_finetune_init(self) -> None:
+    """A classification model from config.init_checkpoint (native or Hugging Face), sized for
+    config.task's labels; without one, fine-tuning starts from config.student at random."""
+    from mobilebert_jax.downstream import get_task
+    task = get_task(self.config.get("task", ""))
+    init = self.config.get("init_checkpoint", "")
+    if not init:
+      self.model_configs["student"] = self.model_configs["student"].replace(
+          num_labels=task.num_labels)
+      return
+    model, params = pretrained.load_pretrained(init, "classification", num_labels=task.num_labels)
+    self.model_configs["student"] = model.config
+    self.latest["student"] = to_host(params)
+    self.heads["student"] = "classification"
+
+  def dataset_for(self, name: str, index: int):
+    """The stage's training data: GLUE for `finetune`, BERT pretraining examples otherwise."""
+    if self.config[name].strategy == "finetune":
+      from mobilebert_jax.downstream.finetune_data import GlueDataset
+      data = self.config.data
+      return GlueDataset(
+          self.config.get("task", ""), data_dir=self.config.get("data_dir", ""),
+          tfds_data_dir=data.get("tfds_data_dir", "") or "", vocab_path=self.tokenizer_dir(),
+          max_seq_length=int(data.max_seq_length), batch_size=int(data.batch_size),
+          seed=int(data.get("seed", 0)) + index, process_index=jax.process_index(),
+          process_count=jax.process_count())
     data = self.config.data.to_dict()
     data["seed"] = int(data.get("seed", 0)) + index
     if not data.get("vocab_path"):
@@ -299,12 +330,17 @@ class Trainer:
 
   def export_role(self, role: str, stage: str) -> str:
     path = os.path.join(self.workdir, role)
-    pretrained.save_pretrained(path, self.model_configs[role], self.latest[role], "pretraining",
-                               tokenizer_dir=self.tokenizer_dir(), extra={"stage": stage})
+    pretrained.save_pretrained(path, self.model_configs[role], self.latest[role],
+                               self.heads[role], tokenizer_dir=self.tokenizer_dir(),
+                               extra={"stage": stage})
     return path
 
   def tokenizer_dir(self) -> str:
+    """Where the tokenizer comes from: data.vocab_path, the init checkpoint, or the shipped one."""
     vocab = self.config.data.get("vocab_path") or ""
+    init = self.config.get("init_checkpoint", "")
+    if not vocab and init and os.path.exists(os.path.join(init, "vocab.txt")):
+      vocab = init
     if not vocab:
       from mobilebert_jax.data import sample_vocab_path
       vocab = str(sample_vocab_path())
@@ -320,7 +356,8 @@ class Trainer:
     role = stage_role(stage)
     mesh, rules = self.mesh, self.rules
     model_cfg = self.model_configs[role]
-    model = build_model(model_cfg, "pretraining", dtype=self.dtype)
+    head = strategies.head_for(stage.strategy)
+    model = build_model(model_cfg, head, dtype=self.dtype)
     teacher_model = teacher_params = None
     if stage.strategy in strategies.DISTILLATION_STRATEGIES:
       teacher_cfg = self.model_configs["teacher"]
@@ -376,7 +413,7 @@ class Trainer:
     teacher_sh = (jax.tree.map(lambda x: x.sharding, teacher_params)
                   if teacher_params is not None else None)
     return CompiledStage(
-        name=name, stage=stage, role=role, model=model, model_config=model_cfg,
+        name=name, stage=stage, role=role, head=head, model=model, model_config=model_cfg,
         strategy=strategy, rng=rng, shardings=shardings, abstract_state=abstract_state,
         batch_sharding=batch_sh, teacher_params=teacher_params,
         init_state=jax.jit(init_state, out_shardings=shardings),
@@ -390,7 +427,7 @@ class Trainer:
     final_dir = os.path.join(self.workdir, name, "final")
     if pretrained.is_native_dir(final_dir):
       log.info("stage %r already finished; loading %s", name, final_dir)
-      self.latest[role] = pretrained.read_checkpoint(final_dir)[2]
+      _, self.heads[role], self.latest[role] = pretrained.read_checkpoint(final_dir)
       return True
 
     cs = self.build_stage(name, index)
@@ -416,14 +453,19 @@ class Trainer:
       state = cs.init_state(put_global(params, cs.shardings.params), cs.rng)
 
     try:
-      return self.loop(name, stage, state, cs.step_fn, cs.teacher_params, dataset,
-                       cs.batch_sharding, checkpointer, int(stage.num_steps))
+      finished = self.loop(cs, state, dataset, checkpointer)
     finally:
       checkpointer.close()
+    if finished and stage.strategy == "finetune":
+      from mobilebert_jax.downstream import evaluation
+      evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
+    return finished
 
-  def loop(self, name, stage, state, step_fn, teacher_params, dataset, batch_sh, checkpointer,
-           num_steps) -> bool:
-    role = stage_role(stage)
+  def loop(self, cs: "CompiledStage", state, dataset, checkpointer) -> bool:
+    """Feeds batches to the step, logs, checkpoints, and saves the stage's final model."""
+    name, stage, role = cs.name, cs.stage, cs.role
+    step_fn, teacher_params, batch_sh = cs.step_fn, cs.teacher_params, cs.batch_sharding
+    num_steps = int(stage.num_steps)
     log_every = int(self.config.get("log_every_steps", 50))
     tokens_per_step = dataset.global_batch_size * int(self.config.data.max_seq_length)
     pending: list[tuple[int, Any]] = []
@@ -474,8 +516,9 @@ class Trainer:
       prefetcher.close()
       self.writer.flush()
     self.latest[role] = to_host(state.params["model"])
+    self.heads[role] = cs.head
     pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
-                               self.model_configs[role], self.latest[role], "pretraining",
+                               self.model_configs[role], self.latest[role], cs.head,
                                tokenizer_dir=self.tokenizer_dir(),
                                extra={"stage": name, "strategy": stage.strategy})
     return True
@@ -487,6 +530,10 @@ class Trainer:
     params = {"model": None, "aux": jax.tree.map(np.asarray, strategy.aux_init(aux_key))}
     if self.latest[role] is not None:
       params["model"] = self.latest[role]
+      head = strategies.head_for(stage.strategy)
+      if self.heads[role] != head:  # e.g. fine-tuning the student a PD stage just trained
+        params["model"] = pretrained.adapt_params(self.latest[role], self.heads[role], head,
+                                                  model_cfg, seed=int(self.config.get("seed", 0)))
       log.info("stage %r: starting from the %s trained so far", name, role)
       return params
     ckpt = self.config.get(f"{role}_checkpoint", "")

@@ -1,0 +1,108 @@
+"""Batches for fine-tuning: encoded GLUE splits as resumable, multi-host, shuffled iterators.
+
+`ArrayDataset` follows the contract of the pretraining pipeline (`PretrainingDataset`): the
+global order is a function of (seed, epoch), process i takes rows [i*B, (i+1)*B) of every global
+batch, and `state()` / `restore()` put the iterator exactly where a checkpoint left it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from mobilebert_jax.data.tokenizer import load_tokenizer
+from mobilebert_jax.downstream import glue_data
+from mobilebert_jax.downstream.tasks import get_task
+
+
+class ArrayDataset:
+  """Shuffled global batches over equal-length arrays; infinite over epochs, remainder dropped."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0,
+               process_index: int = 0, process_count: int = 1, name: str = "dataset"):
+    sizes = {k: len(v) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1:
+      raise ValueError(f"{name}: arrays of different lengths {sizes}")
+    self.arrays = dict(arrays)
+    self.num_examples = next(iter(sizes.values()))
+    if batch_size % process_count:
+      raise ValueError(f"{name}: global batch_size {batch_size} is not divisible by "
+                       f"{process_count} processes")
+    if batch_size > self.num_examples:
+      raise ValueError(f"{name}: global batch_size {batch_size} exceeds the {self.num_examples} "
+                       "examples")
+    self.global_batch_size = batch_size
+    self.local_batch_size = batch_size // process_count
+    self.process_index = process_index
+    self.seed = seed
+    self.batches_per_epoch = self.num_examples // batch_size
+    self._epoch, self._batch = 0, 0
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._batch >= self.batches_per_epoch:
+      self._epoch, self._batch = self._epoch + 1, 0
+    start = self._batch * self.global_batch_size + self.process_index * self.local_batch_size
+    rows = self._order(self._epoch)[start:start + self.local_batch_size]
+    self._batch += 1
+    return {k: v[rows] for k, v in self.arrays.items()}
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self._epoch, "batch_in_epoch": self._batch}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    self._epoch, self._batch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+
+class GlueDataset(ArrayDataset):
+  """The training split of a GLUE task, encoded, plus its evaluation splits on demand.
+
+  Data come from `data_dir` (GLUE TSV files) or, when it is empty, from tensorflow-datasets
+  (`tfds_data_dir`). The tokenizer is `vocab_path` (a vocab.txt or a checkpoint directory).
+  """
+
+  def __init__(self, task: str, *, data_dir: str, vocab_path: str, max_seq_length: int,
+               batch_size: int, seed: int = 0, tfds_data_dir: str = "", process_index: int = 0,
+               process_count: int = 1):
+    self.task = get_task(task)
+    self.data_dir, self.tfds_data_dir = data_dir, tfds_data_dir
+    self.tokenizer = load_tokenizer(vocab_path)
+    self.vocab_path = getattr(self.tokenizer, "vocab_path", vocab_path)
+    self.vocab_size = len(self.tokenizer)
+    self.max_seq_length = max_seq_length
+    super().__init__(self.encode("train"), batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, name=f"GLUE {self.task.name} train")
+
+  def examples(self, split: str):
+    if self.data_dir:
+      return glue_data.read_glue(self.task, split, self.data_dir)
+    return glue_data.read_tfds(self.task, split, self.tfds_data_dir)
+
+  def encode(self, split: str) -> dict[str, np.ndarray]:
+    return glue_data.encode_examples(self.examples(split), self.tokenizer, self.max_seq_length,
+                                     task=self.task)
+
+  def available_splits(self, kind: str) -> list[str]:
+    """Evaluation ('eval') or test ('test') splits whose files exist (all of them for tfds)."""
+    splits = self.task.eval_splits if kind == "eval" else self.task.test_splits
+    if not self.data_dir:
+      return list(splits)
+    found = []
+    for split in splits:
+      try:
+        glue_data.split_path(self.task, split, self.data_dir)
+        found.append(split)
+      except FileNotFoundError:
+        pass
+    return found
+
+  def check_vocab_size(self, model_vocab_size: int) -> None:
+    if self.vocab_size > model_vocab_size:
+      raise ValueError(f"tokenizer vocab {self.vocab_path!r} has {self.vocab_size} tokens but the "
+                       f"model's vocab_size is {model_vocab_size}")
