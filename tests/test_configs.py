@@ -17,6 +17,7 @@ EXPECTED = {
     "mobilebert_tiny_distill.py": ("pkt,pd", "ib_bert_large", "mobilebert_tiny"),
     "tinybert_general_distill.py": ("general", "bert_base", "tinybert_4l"),
     "glue.py": ("finetune", "ib_bert_large", "mobilebert"),
+    "squad.py": ("squad", "ib_bert_large", "mobilebert"),
 }
 
 

@@ -77,3 +77,45 @@ def test_finetune_sst2_reaches_high_dev_accuracy_and_exports(tmp_path):
     expected = reference(input_ids=torch.tensor(ids)).logits.numpy()
   got = np.asarray(model.apply({"params": tuned}, ids).logits)
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def write_squad(path, rng, words, n):
+  """Questions whose answer is always the context's first word (quickly learnable)."""
+  question = " ".join(words[:3])
+  paragraphs = []
+  for i in range(n):
+    context = " ".join(rng.choice(words[3:], int(rng.integers(8, 15))))
+    first = context.split(" ")[0]
+    paragraphs.append({"context": context, "qas": [{
+        "id": f"q{i}", "question": question,
+        "answers": [{"text": first, "answer_start": 0}]}]})
+  path.write_text(json.dumps({"version": "1.1", "data": [{"title": "synthetic",
+                                                          "paragraphs": paragraphs}]}))
+
+
+def test_squad_finetuning_learns_a_span_rule(tmp_path):
+  rng = np.random.default_rng(1)
+  words = [w for w in sample_vocab_path().read_text().split("\n")[5:]
+           if w.isalpha() and len(w) > 3][:60]
+  write_squad(tmp_path / "train.json", rng, words, 160)
+  write_squad(tmp_path / "dev.json", rng, words, 32)
+  c = default_config.get_config()
+  c.stages = "squad"
+  c.student = dict(preset="mobilebert", tiny=True, vocab_size=2972, max_position_embeddings=64)
+  c.squad_data = dict(train_file=str(tmp_path / "train.json"),
+                      dev_file=str(tmp_path / "dev.json"), version_2=False, doc_stride=16,
+                      max_query_length=8, n_best=5, max_answer_length=5, null_threshold=0.0)
+  c.data.update(dict(max_seq_length=32, batch_size=16))
+  c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  c.log_every_steps = 25
+  c.squad = dict(strategy="squad", model="student", num_steps=150,
+                 optimizer=default_config.optimizer(learning_rate=3e-3, warmup_steps=10))
+  c.squad.optimizer.optimizer = "adamw"
+  workdir = tmp_path / "run"
+  Trainer(c, str(workdir)).run()
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert results["squad_exact"] >= 80.0, results
+  answers = json.loads((workdir / "predictions.json").read_text())
+  assert len(answers) == 32
+  model, _ = load_pretrained(str(workdir / "student"))
+  assert type(model).__name__ == "ForQuestionAnswering"

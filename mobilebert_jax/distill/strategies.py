@@ -12,6 +12,7 @@ A strategy is a config entry (`stage.strategy`) plus one function here, not a ne
              projections and a layer mapping.
   finetune   sequence classification (cross-entropy) or regression (MSE, num_labels = 1) on a
              downstream task, e.g. GLUE.
+  squad      extractive question answering: mean of the start and end position cross-entropies.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 from mobilebert_jax import objectives
 from mobilebert_jax.models import ModelConfig
 
-STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune")
+STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune", "squad")
 # The model head each strategy trains (the rest train the MLM + NSP model).
-HEADS = {"finetune": "classification"}
+HEADS = {"finetune": "classification", "squad": "question_answering"}
 DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert")
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -155,6 +156,16 @@ def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
       loss = objectives.integer_cross_entropy(logits, labels).mean()
       return loss, {"cross_entropy": loss,
                     "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))}
+    return Strategy(name, loss_fn, needs_teacher=False)
+
+  if name == "squad":
+    def loss_fn(params, teacher_params, batch, rng, step):
+      out = student_model.apply(
+          {"params": params["model"]}, batch["input_ids"], batch["attention_mask"],
+          batch["token_type_ids"], deterministic=False, rngs={"dropout": rng})
+      start = objectives.integer_cross_entropy(out.start_logits, batch["start_positions"]).mean()
+      end = objectives.integer_cross_entropy(out.end_logits, batch["end_positions"]).mean()
+      return (start + end) / 2, {"start": start, "end": end}
     return Strategy(name, loss_fn, needs_teacher=False)
 
   if name == "pretrain":

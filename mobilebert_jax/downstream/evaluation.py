@@ -1,5 +1,5 @@
-"""Evaluation of a fine-tuned classifier: dev metrics to eval_results.json, test predictions to
-GLUE submission files."""
+"""Evaluation of fine-tuned models: GLUE dev metrics and submission files, SQuAD EM/F1 and
+answers; every score is merged into `workdir/eval_results.json`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import os
 import jax
 import numpy as np
 
-from mobilebert_jax.downstream import glue_data
+from mobilebert_jax.downstream import glue_data, squad
 from mobilebert_jax.downstream.metrics import glue_metrics
 
 log = logging.getLogger("mobilebert_jax")
 
 
-def predict_logits(cs, params, arrays: dict, batch_size: int) -> np.ndarray:
-  """Logits [N, num_labels] of the stage's model over `arrays`, in global batches on the mesh
-  (the last batch padded and the padding dropped)."""
+def predict(cs, params, arrays: dict, batch_size: int, fields: tuple[str, ...]) -> dict:
+  """Model outputs `fields` (e.g. ("logits",)) over `arrays`, in global batches on the mesh
+  (the last batch filled by wrapping around; the extra rows are dropped)."""
   from mobilebert_jax.training.trainer import put_global, to_host
   model = cs.model
   params = put_global(params, cs.shardings.params["model"])
@@ -26,16 +26,32 @@ def predict_logits(cs, params, arrays: dict, batch_size: int) -> np.ndarray:
 
   @jax.jit
   def forward(params, batch):
-    return model.apply({"params": params}, *(batch[k] for k in keys)).logits
+    out = model.apply({"params": params}, *(batch[k] for k in keys))
+    return {f: getattr(out, f) for f in fields}
 
   n = len(arrays["input_ids"])
   outputs = []
   for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size) % n  # wrap around to fill the last batch
-    batch = {k: arrays[k][rows] for k in keys}
-    batch = put_global(batch, {k: cs.batch_sharding for k in keys})
+    rows = np.arange(start, start + batch_size) % n
+    batch = put_global({k: arrays[k][rows] for k in keys}, {k: cs.batch_sharding for k in keys})
     outputs.append(to_host(forward(params, batch)))
-  return np.concatenate(outputs)[:n].astype(np.float32)
+  return {f: np.concatenate([o[f] for o in outputs])[:n].astype(np.float32) for f in fields}
+
+
+def write_results(cs, results: dict, workdir: str, writer) -> None:
+  """eval_results.json (merged with what is there) and a metrics line, on process 0."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "eval_results.json")
+  merged = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      merged = json.load(f)
+  merged.update(results)
+  with open(path, "w") as f:
+    json.dump(merged, f, indent=2, sort_keys=True)
+  writer.write(int(cs.stage.num_steps), results, stage=cs.name)
+  log.info("%s: %s", cs.name, results)
 
 
 def evaluate_glue(cs, params, dataset, workdir: str, writer) -> dict[str, float]:
@@ -46,20 +62,38 @@ def evaluate_glue(cs, params, dataset, workdir: str, writer) -> dict[str, float]
   results: dict[str, float] = {}
   for split in dataset.available_splits("eval"):
     arrays = dataset.encode(split)
-    logits = predict_logits(cs, params, arrays, dataset.global_batch_size)
+    logits = predict(cs, params, arrays, dataset.global_batch_size, ("logits",))["logits"]
     for metric, value in glue_metrics(task, logits, arrays["labels"]).items():
       results[f"{split}_{metric}"] = float(value)
   primary = jax.process_index() == 0
   for split in dataset.available_splits("test"):
     arrays = dataset.encode(split)
-    logits = predict_logits(cs, params, arrays, dataset.global_batch_size)
+    logits = predict(cs, params, arrays, dataset.global_batch_size, ("logits",))["logits"]
     if primary:
       out_dir = os.path.join(workdir, "predictions")
       os.makedirs(out_dir, exist_ok=True)
       glue_data.write_predictions(task, split, logits, out_dir)
-  if primary:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    writer.write(int(cs.stage.num_steps), results, stage=cs.name)
-    log.info("%s %s: %s", cs.name, task.name, results)
+  write_results(cs, results, workdir, writer)
+  return results
+
+
+def evaluate_squad(cs, params, dataset, workdir: str, writer, *, version_2: bool = False,
+                   n_best: int = 20, max_answer_length: int = 30,
+                   null_threshold: float = 0.0) -> dict[str, float]:
+  """Decodes the dev file's windows into answers, scores them with the official EM/F1 and writes
+  `eval_results.json` ({"squad_exact", "squad_f1", ...}) and `predictions.json`."""
+  features = dataset.features(dataset.dev_file)
+  out = predict(cs, params, features.inputs(), dataset.global_batch_size,
+                ("start_logits", "end_logits"))
+  answers, null_odds = squad.decode_predictions(
+      features, out["start_logits"], out["end_logits"], n_best=n_best,
+      max_answer_length=max_answer_length, null_threshold=null_threshold, version_2=version_2,
+      return_null_odds=True)
+  scores = squad.squad_evaluate(features.examples, answers,
+                                na_probs=null_odds if version_2 else None)
+  results = {f"squad_{k}": float(v) for k, v in scores.items()}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "predictions.json"), "w") as f:
+      json.dump(answers, f, indent=2, sort_keys=True)
+  write_results(cs, results, workdir, writer)
   return results

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from mobilebert_jax.data.tokenizer import load_tokenizer
-from mobilebert_jax.downstream import glue_data
+from mobilebert_jax.downstream import glue_data, squad
 from mobilebert_jax.downstream.tasks import get_task
 
 
@@ -60,7 +60,24 @@ class ArrayDataset:
     self._epoch, self._batch = int(state["epoch"]), int(state["batch_in_epoch"])
 
 
-class GlueDataset(ArrayDataset):
+class TokenizedDataset(ArrayDataset):
+  """An ArrayDataset whose arrays come from a WordPiece tokenizer (a vocab.txt or a checkpoint
+  directory holding one)."""
+
+  def __init__(self, vocab_path: str, arrays_fn, batch_size: int, **kwargs):
+    self.tokenizer = load_tokenizer(vocab_path)
+    self.vocab_path = getattr(self.tokenizer, "vocab_path", vocab_path)
+    self.vocab_size = len(self.tokenizer)
+    super().__init__(arrays_fn(), batch_size, **kwargs)
+
+  def check_vocab_size(self, model_vocab_size: int) -> None:
+    """Raises if the tokenizer can emit ids the model's embedding table does not have."""
+    if self.vocab_size > model_vocab_size:
+      raise ValueError(f"tokenizer vocab {self.vocab_path!r} has {self.vocab_size} tokens but the "
+                       f"model's vocab_size is {model_vocab_size}")
+
+
+class GlueDataset(TokenizedDataset):
   """The training split of a GLUE task, encoded, plus its evaluation splits on demand.
 
   Data come from `data_dir` (GLUE TSV files) or, when it is empty, from tensorflow-datasets
@@ -72,12 +89,10 @@ class GlueDataset(ArrayDataset):
                process_count: int = 1):
     self.task = get_task(task)
     self.data_dir, self.tfds_data_dir = data_dir, tfds_data_dir
-    self.tokenizer = load_tokenizer(vocab_path)
-    self.vocab_path = getattr(self.tokenizer, "vocab_path", vocab_path)
-    self.vocab_size = len(self.tokenizer)
     self.max_seq_length = max_seq_length
-    super().__init__(self.encode("train"), batch_size, seed=seed, process_index=process_index,
-                     process_count=process_count, name=f"GLUE {self.task.name} train")
+    super().__init__(vocab_path, lambda: self.encode("train"), batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count,
+                     name=f"GLUE {self.task.name} train")
 
   def examples(self, split: str):
     if self.data_dir:
@@ -102,7 +117,19 @@ class GlueDataset(ArrayDataset):
         pass
     return found
 
-  def check_vocab_size(self, model_vocab_size: int) -> None:
-    if self.vocab_size > model_vocab_size:
-      raise ValueError(f"tokenizer vocab {self.vocab_path!r} has {self.vocab_size} tokens but the "
-                       f"model's vocab_size is {model_vocab_size}")
+
+class SquadDataset(TokenizedDataset):
+  """Doc-stride windows of a SQuAD training file; the dev file's windows on demand."""
+
+  def __init__(self, *, train_file: str, dev_file: str, vocab_path: str, max_seq_length: int,
+               doc_stride: int, max_query_length: int, batch_size: int, seed: int = 0,
+               process_index: int = 0, process_count: int = 1):
+    self.train_file, self.dev_file = train_file, dev_file
+    self.window = dict(max_seq_length=max_seq_length, doc_stride=doc_stride,
+                       max_query_length=max_query_length)
+    super().__init__(vocab_path, lambda: self.features(train_file).inputs(), batch_size,
+                     seed=seed, process_index=process_index, process_count=process_count,
+                     name=f"SQuAD {train_file}")
+
+  def features(self, path: str) -> squad.SquadFeatures:
+    return squad.make_features(squad.read_squad(path), self.tokenizer, **self.window)

@@ -42,7 +42,8 @@ log = logging.getLogger("mobilebert_jax")
 ROLES = ("teacher", "student")
 RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
                  "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
-                 "task", "init_checkpoint", "data_dir")
+                 "task", "init_checkpoint", "data_dir", "squad_data")
+DOWNSTREAM_STRATEGIES = ("finetune", "squad")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -251,8 +252,9 @@ class Trainer:
                          f"({detail})")
       self.latest["teacher"] = params
       self.model_configs["teacher"] = loaded
-    if any(cfg[n].strategy == "finetune" for n in self.names):
-      self._load_finetune_init()
+    downstream = [cfg[n].strategy for n in self.names if cfg[n].strategy in DOWNSTREAM_STRATEGIES]
+    if downstream:
+      self._load_downstream_init(downstream[0])
     teacher_trained = bool(teacher_ckpt)
     for name in self.names:
       stage = cfg[name]
@@ -275,23 +277,37 @@ class Trainer:
     self.dataset_for(first, 0).check_vocab_size(
         self.model_configs[stage_role(cfg[first])].vocab_size)
 
-  def _load_finetune_init(self) -> None:
-    """A classification model from config.init_checkpoint (native or Hugging Face), sized for
-    config.task's labels; without one, fine-tuning starts from config.student at random."""
-    from mobilebert_jax.downstream import get_task
-    task = get_task(self.config.get("task", ""))
+  def _load_downstream_init(self, strategy: str) -> None:
+    """The model to fine-tune from config.init_checkpoint (native or Hugging Face) with the
+    strategy's head (a classifier sized for config.task's labels, or the span head); without a
+    checkpoint, fine-tuning starts from config.student at random."""
+    head = strategies.head_for(strategy)
+    num_labels = None
+    if strategy == "finetune":
+      from mobilebert_jax.downstream import get_task
+      num_labels = get_task(self.config.get("task", "")).num_labels
     init = self.config.get("init_checkpoint", "")
     if not init:
-      self.model_configs["student"] = self.model_configs["student"].replace(
-          num_labels=task.num_labels)
+      if num_labels is not None:
+        self.model_configs["student"] = self.model_configs["student"].replace(
+            num_labels=num_labels)
       return
-    model, params = pretrained.load_pretrained(init, "classification", num_labels=task.num_labels)
+    model, params = pretrained.load_pretrained(init, head, num_labels=num_labels)
     self.model_configs["student"] = model.config
     self.latest["student"] = to_host(params)
-    self.heads["student"] = "classification"
+    self.heads["student"] = head
 
   def dataset_for(self, name: str, index: int):
     """The stage's training data: GLUE for `finetune`, BERT pretraining examples otherwise."""
+    if self.config[name].strategy == "squad":
+      from mobilebert_jax.downstream.finetune_data import SquadDataset
+      sq, data = self.config.squad_data, self.config.data
+      return SquadDataset(
+          train_file=sq.train_file, dev_file=sq.dev_file, vocab_path=self.tokenizer_dir(),
+          max_seq_length=int(data.max_seq_length), doc_stride=int(sq.doc_stride),
+          max_query_length=int(sq.max_query_length), batch_size=int(data.batch_size),
+          seed=int(data.get("seed", 0)) + index, process_index=jax.process_index(),
+          process_count=jax.process_count())
     if self.config[name].strategy == "finetune":
       from mobilebert_jax.downstream.finetune_data import GlueDataset
       data = self.config.data
@@ -456,9 +472,16 @@ class Trainer:
       finished = self.loop(cs, state, dataset, checkpointer)
     finally:
       checkpointer.close()
-    if finished and stage.strategy == "finetune":
+    if finished and stage.strategy in DOWNSTREAM_STRATEGIES:
       from mobilebert_jax.downstream import evaluation
-      evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
+      if stage.strategy == "finetune":
+        evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
+      else:
+        sq = self.config.squad_data
+        evaluation.evaluate_squad(
+            cs, self.latest[role], dataset, self.workdir, self.writer,
+            version_2=bool(sq.version_2), n_best=int(sq.n_best),
+            max_answer_length=int(sq.max_answer_length), null_threshold=float(sq.null_threshold))
     return finished
 
   def loop(self, cs: "CompiledStage", state, dataset, checkpointer) -> bool:
