@@ -12,6 +12,7 @@ from mobilebert_jax import convert, default_config, load_pretrained, save_pretra
 from mobilebert_jax.data import sample_vocab_path
 from mobilebert_jax.models import build_model, get_preset
 from mobilebert_jax.pretrained import init_params
+from mobilebert_jax.training.metrics import read_metrics
 from mobilebert_jax.training.trainer import Trainer
 
 
@@ -119,3 +120,50 @@ def test_squad_finetuning_learns_a_span_rule(tmp_path):
   assert len(answers) == 32
   model, _ = load_pretrained(str(workdir / "student"))
   assert type(model).__name__ == "ForQuestionAnswering"
+
+
+def _glue_config(tmp_path, stages, **stage_blocks):
+  c = default_config.get_config()
+  c.stages = stages
+  c.task = "sst2"
+  c.data_dir = str(tmp_path / "glue")
+  c.data.update(dict(max_seq_length=32, batch_size=16))
+  c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  c.log_every_steps = 20
+  for name, (strategy, steps) in stage_blocks.items():
+    c[name] = dict(strategy=strategy, model="student", num_steps=steps, temperature=1.0,
+                   layer_mapping="uniform",
+                   optimizer=default_config.optimizer(learning_rate=3e-3, warmup_steps=10))
+    c[name].optimizer.optimizer = "adamw"
+  return c
+
+
+def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
+  rng = np.random.default_rng(2)
+  vocab = [w for w in sample_vocab_path().read_text().split("\n")[5:]
+           if w.isalpha() and len(w) > 3][:60]
+  write_sst2(tmp_path / "glue" / "SST-2", rng, vocab)
+  # The teacher: a classifier fine-tuned on the task.
+  teacher = _glue_config(tmp_path, "finetune", finetune=("finetune", 120))
+  teacher.student = dict(preset="mobilebert", tiny=True, vocab_size=2972,
+                         max_position_embeddings=64)
+  Trainer(teacher, str(tmp_path / "teacher_run")).run()
+  # The student: a narrower BERT-style model, intermediate layers then the prediction layer.
+  c = _glue_config(tmp_path, "intermediate,prediction", intermediate=("task_intermediate", 60),
+                   prediction=("task_prediction", 120))
+  c.teacher_checkpoint = str(tmp_path / "teacher_run" / "student")
+  c.check_teacher_config = False
+  c.student = dict(preset="tinybert_4l", tiny=True, vocab_size=2972, hidden_size=32,
+                   embedding_size=32, intra_size=32, num_heads=4, intermediate_size=64,
+                   max_position_embeddings=64)
+  workdir = tmp_path / "student_run"
+  Trainer(c, str(workdir)).run()
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  inter = [m["loss"] for m in rows if m["stage"] == "intermediate" and "loss" in m]
+  assert inter[-1] < inter[0]
+  assert {"embedding", "attention", "hidden"} <= set(
+      next(m for m in rows if m["stage"] == "intermediate"))
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert results["dev_accuracy"] >= 0.85, results
+  model, _ = load_pretrained(str(workdir / "student"))
+  assert type(model).__name__ == "ForSequenceClassification" and model.config.hidden_size == 32

@@ -13,6 +13,10 @@ A strategy is a config entry (`stage.strategy`) plus one function here, not a ne
   finetune   sequence classification (cross-entropy) or regression (MSE, num_labels = 1) on a
              downstream task, e.g. GLUE.
   squad      extractive question answering: mean of the start and end position cross-entropies.
+  task_intermediate, task_prediction
+             TinyBERT task distillation from a fine-tuned classifier teacher: first the
+             intermediate layers (as `tinybert`), then the prediction layer (soft cross-entropy
+             against the teacher's logits at a temperature).
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ import jax
 import jax.numpy as jnp
 
 from mobilebert_jax import objectives
-from mobilebert_jax.models import ModelConfig
+from mobilebert_jax.models import ForMaskedLM, ForPreTraining, ModelConfig
 
-STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune", "squad")
-# The model head each strategy trains (the rest train the MLM + NSP model).
-HEADS = {"finetune": "classification", "squad": "question_answering"}
-DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert")
+STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune", "squad",
+              "task_intermediate", "task_prediction")
+DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert", "task_intermediate",
+                           "task_prediction")
+# The model head each strategy trains (the rest train the MLM + NSP model), and the head of the
+# teacher it reads (a fine-tuned classifier for task distillation).
+HEADS = {"finetune": "classification", "squad": "question_answering",
+         "task_intermediate": "classification", "task_prediction": "classification"}
+TEACHER_HEADS = {"task_intermediate": "classification", "task_prediction": "classification"}
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -54,6 +63,11 @@ def head_for(strategy: str) -> str:
   return HEADS.get(strategy, "pretraining")
 
 
+def teacher_head_for(strategy: str) -> str:
+  """The head of the teacher a distillation strategy reads."""
+  return TEACHER_HEADS.get(strategy, "pretraining")
+
+
 def check_strategy(name: str, where: str) -> None:
   if name not in STRATEGIES:
     raise ValueError(f"{where}: unknown strategy {name!r}; valid strategies: {list(STRATEGIES)}")
@@ -61,11 +75,13 @@ def check_strategy(name: str, where: str) -> None:
 
 def _apply(model, params, batch, *, rng=None, hidden=False, attentions=False, scores=False):
   train = rng is not None
+  extra = {}
+  if isinstance(model, (ForPreTraining, ForMaskedLM)):  # vocabulary logits at masked slots only
+    extra["masked_lm_positions"] = batch["masked_lm_positions"]
   return model.apply(
       {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-      masked_lm_positions=batch["masked_lm_positions"], deterministic=not train,
-      output_hidden_states=hidden, output_attentions=attentions, output_attention_scores=scores,
-      rngs={"dropout": rng} if train else None)
+      deterministic=not train, output_hidden_states=hidden, output_attentions=attentions,
+      output_attention_scores=scores, rngs={"dropout": rng} if train else None, **extra)
 
 
 def _pretraining_terms(out, batch) -> dict[str, jax.Array]:
@@ -216,7 +232,18 @@ def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
       return loss, terms
     return Strategy(name, loss_fn, needs_teacher=True)
 
-  # tinybert
+  if name == "task_prediction":
+    def loss_fn(params, teacher_params, batch, rng, step):
+      student = _apply(student_model, params["model"], batch, rng=rng)
+      teacher = teacher_forward(teacher_params, batch)
+      loss = objectives.prediction_loss(student.logits, teacher.logits,
+                                        temperature=stage_cfg.get("temperature", 1.0))
+      labels = batch["labels"].astype(jnp.int32)
+      accuracy = jnp.mean((jnp.argmax(student.logits, -1) == labels).astype(jnp.float32))
+      return loss, {"prediction": loss, "accuracy": accuracy}
+    return Strategy(name, loss_fn, needs_teacher=True)
+
+  # tinybert, task_intermediate
   s_cfg, t_cfg = student_model.config, teacher_model.config
   mapping = objectives.parse_layer_mapping(stage_cfg.layer_mapping, s_cfg.num_layers,
                                            t_cfg.num_layers)

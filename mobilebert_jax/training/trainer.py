@@ -43,7 +43,11 @@ ROLES = ("teacher", "student")
 RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
                  "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
                  "task", "init_checkpoint", "data_dir", "squad_data")
-DOWNSTREAM_STRATEGIES = ("finetune", "squad")
+# Strategies that train a task head on downstream data (GLUE or SQuAD), and those whose trained
+# model is scored on the task's dev data when the stage ends.
+DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction")
+GLUE_STRATEGIES = ("finetune", "task_intermediate", "task_prediction")
+EVALUATED_STRATEGIES = ("finetune", "squad", "task_prediction")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -240,7 +244,7 @@ class Trainer:
     cfg = self.config
     teacher_ckpt = cfg.get("teacher_checkpoint", "")
     if teacher_ckpt:
-      loaded, _, params = pretrained.read_checkpoint(teacher_ckpt)
+      loaded, self.heads["teacher"], params = pretrained.read_checkpoint(teacher_ckpt)
       configured = self.model_configs["teacher"]
       size_fields = ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
                      "num_heads", "intermediate_size", "num_ffn", "attention_input")
@@ -255,6 +259,8 @@ class Trainer:
     downstream = [cfg[n].strategy for n in self.names if cfg[n].strategy in DOWNSTREAM_STRATEGIES]
     if downstream:
       self._load_downstream_init(downstream[0])
+      if cfg.get("teacher_checkpoint", "") and any(s in GLUE_STRATEGIES for s in downstream):
+        self._check_task_labels(self.model_configs["teacher"], "config.teacher_checkpoint")
     teacher_trained = bool(teacher_ckpt)
     for name in self.names:
       stage = cfg[name]
@@ -297,6 +303,13 @@ class Trainer:
     self.latest["student"] = to_host(params)
     self.heads["student"] = head
 
+  def _check_task_labels(self, model_cfg: ModelConfig, where: str) -> None:
+    from mobilebert_jax.downstream import get_task
+    task = get_task(self.config.get("task", ""))
+    if self.heads["teacher"] == "classification" and model_cfg.num_labels != task.num_labels:
+      raise ValueError(f"{where} classifies {model_cfg.num_labels} labels but task "
+                       f"{task.name!r} has {task.num_labels}")
+
   def dataset_for(self, name: str, index: int):
     """The stage's training data: GLUE for `finetune`, BERT pretraining examples otherwise."""
     if self.config[name].strategy == "squad":
@@ -308,7 +321,7 @@ class Trainer:
           max_query_length=int(sq.max_query_length), batch_size=int(data.batch_size),
           seed=int(data.get("seed", 0)) + index, process_index=jax.process_index(),
           process_count=jax.process_count())
-    if self.config[name].strategy == "finetune":
+    if self.config[name].strategy in GLUE_STRATEGIES:
       from mobilebert_jax.downstream.finetune_data import GlueDataset
       data = self.config.data
       return GlueDataset(
@@ -377,10 +390,19 @@ class Trainer:
     teacher_model = teacher_params = None
     if stage.strategy in strategies.DISTILLATION_STRATEGIES:
       teacher_cfg = self.model_configs["teacher"]
-      teacher_model = build_model(teacher_cfg, "pretraining", dtype=self.dtype)
+      teacher_head = strategies.teacher_head_for(stage.strategy)
+      teacher_model = build_model(teacher_cfg, teacher_head, dtype=self.dtype)
       teacher_boxed = jax.eval_shape(lambda: pretrained.init_params(
           teacher_model, teacher_cfg, jax.random.PRNGKey(0), boxed=True))
-      teacher_params = put_global(self.latest["teacher"],
+      host_teacher = self.latest["teacher"]
+      if self.heads["teacher"] != teacher_head:
+        if teacher_head != "pretraining":
+          raise ValueError(f"stage {name!r} ({stage.strategy}) needs a teacher with a "
+                           f"{teacher_head!r} head (a fine-tuned model), but the teacher is a "
+                           f"{self.heads['teacher']!r} model")
+        host_teacher = pretrained.adapt_params(host_teacher, self.heads["teacher"], teacher_head,
+                                               teacher_cfg)
+      teacher_params = put_global(host_teacher,
                                   sharding.param_shardings(teacher_boxed, mesh, rules))
     strategy = strategies.build_strategy(stage, model, teacher_model)
     rng = jax.random.PRNGKey(int(self.config.get("seed", 0)) + 1000 * index)
@@ -472,9 +494,9 @@ class Trainer:
       finished = self.loop(cs, state, dataset, checkpointer)
     finally:
       checkpointer.close()
-    if finished and stage.strategy in DOWNSTREAM_STRATEGIES:
+    if finished and stage.strategy in EVALUATED_STRATEGIES:
       from mobilebert_jax.downstream import evaluation
-      if stage.strategy == "finetune":
+      if stage.strategy in GLUE_STRATEGIES:
         evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
       else:
         sq = self.config.squad_data

@@ -1,0 +1,209 @@
+"""Word-substitution attack and teacher-student loyalty on hand-made models and embeddings."""
+
+import json
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from mobilebert_jax.data import load_tokenizer, sample_vocab_path
+from mobilebert_jax.downstream.glue_data import GlueExample, encode_examples
+from mobilebert_jax.downstream.loyalty import (batched_logits, evaluate_loyalty, predict_fn,
+                                               softmax)
+from mobilebert_jax.downstream.robustness import (WordNeighbours, attack, summarize,
+                                                  text_predictor, write_results)
+from mobilebert_jax.models import build_model, get_preset
+from mobilebert_jax.pretrained import init_params
+
+# A toy vocabulary and embedding: good~bad, great~awful, movie~film. "##s", "[UNK]" and the stop
+# word "the" sit exactly on / next to "good" and must never be offered as substitutes.
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "great", "awful", "movie",
+         "film", "plot", "fine", "##s", "the"]
+EMBEDDINGS = np.array([
+    [0, 0, 0], [1, .1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0],
+    [1, .1, 0],      # good
+    [1, .3, 0],      # bad
+    [.1, 1, 0],      # great
+    [.3, 1, 0],      # awful
+    [0, .1, 1],      # movie
+    [0, .3, 1],      # film
+    [.5, .5, 1],     # plot
+    [.6, .6, .3],    # fine
+    [1, .1, 0],      # ##s
+    [1, .12, 0],     # the
+], np.float32)
+POSITIVE = {"good", "great"}
+
+
+def toy_predict(calls=None):
+  """P(class 1) = 1 - 0.8 * 0.5^(number of positive words): 0.2, 0.6, 0.8, 0.9, 0.95, ..."""
+
+  def predict_text(examples):
+    if calls is not None:
+      calls.append([ex.text_a for ex in examples])
+    count = np.array([sum(w in POSITIVE for w in re.findall(r"[a-z]+", ex.text_a.lower()))
+                      for ex in examples])
+    p1 = 1 - 0.8 * 0.5 ** count
+    return np.stack([1 - p1, p1], axis=1)
+
+  return predict_text
+
+
+def ex(n, text, label):
+  return GlueExample(guid=f"toy-{n}", text_a=text, text_b=None, label=label, index=n)
+
+
+EXAMPLES = [
+    ex(0, "The film was Good, and the plot was fine too", 1),        # 10 words, 1 change flips
+    ex(1, "a good film with a great plot and good great acting", 1),  # 11 words, needs 4 > 3
+    ex(2, "the movie has an awful plot", 0),                          # 6 words, awful -> great
+    ex(3, "a bad film", 1),                                           # wrong: skipped
+    ex(4, "great", 0),                                                # wrong: skipped
+]
+
+
+def test_neighbours_are_whole_words_by_cosine():
+  nb = WordNeighbours(EMBEDDINGS, VOCAB)
+  assert nb.neighbours("good", 2) == ["bad", "fine"]
+  assert nb.neighbours("Awful", 1) == ["great"]
+  assert nb.neighbours("movie", 2) == ["film", "plot"]
+  assert nb.neighbours("zebra", 3) == [] and nb.neighbours("the", 3) == []
+  assert "##s" not in nb.words and "[UNK]" not in nb.words and "the" not in nb.words
+  # a mapping id -> token works as well, and thresholds cut the list
+  mapped = WordNeighbours(EMBEDDINGS, dict(enumerate(VOCAB)))
+  assert mapped.neighbours("good", 5, min_similarity=0.9) == ["bad"]
+  with pytest.raises(ValueError, match="outside the embedding matrix"):
+    WordNeighbours(EMBEDDINGS[:5], VOCAB)
+
+
+def test_attack_flips_by_planted_substitution_within_budget():
+  calls = []
+  records, summary = attack(EXAMPLES, toy_predict(calls), EMBEDDINGS, VOCAB, k=2)
+  r0, r1, r2, r3, r4 = records
+  # 0: "Good" -> "Bad" (case and punctuation kept), one of ten words.
+  assert r0.success and not r0.skipped and r0.num_changed == 1 and r0.num_words == 10
+  assert r0.adversarial.text_a == "The film was Bad, and the plot was fine too"
+  assert (r0.original_prediction, r0.adversarial_prediction) == (1, 0)
+  # 1: four positive words but floor(0.3 * 11) = 3 changes allowed -> three swaps, still class 1.
+  assert not r1.success and r1.num_changed == 3 and r1.adversarial_prediction == 1
+  assert r1.adversarial.text_a == "a bad film with a awful plot and bad great acting"
+  # 2: "movie" has no helpful substitute (no budget spent), "awful" -> "great" flips to class 1.
+  assert r2.success and r2.num_changed == 1
+  assert r2.adversarial.text_a == "the movie has an great plot"
+  # 3, 4: misclassified, never attacked
+  for r in (r3, r4):
+    assert r.skipped and not r.success and r.num_queries == 0 and r.adversarial == r.original
+  attacked_texts = {t for batch in calls[1:] for t in batch}
+  assert not attacked_texts & {"a bad film", "great"}
+  assert summary["num_examples"] == 5 and summary["num_correct"] == 3
+  assert summary["clean_accuracy"] == pytest.approx(3 / 5)
+  assert summary["accuracy_under_attack"] == pytest.approx(1 / 5)
+  assert summary["success_rate"] == pytest.approx(2 / 3)
+  assert summary["mean_perturbed_fraction"] == pytest.approx((1 / 10 + 1 / 6) / 2)
+  assert summary == summarize(records)
+
+
+def test_attack_budget_and_unk_importance():
+  # floor(0.4 * 11) = 4 changes: enough for example 1.
+  (record,), summary = attack([EXAMPLES[1]], toy_predict(), EMBEDDINGS, VOCAB, k=2,
+                              max_fraction=0.4, importance="unk")
+  assert record.success and record.num_changed == 4
+  assert record.adversarial.text_a == "a bad film with a awful plot and bad awful acting"
+  assert summary["success_rate"] == 1.0 and summary["accuracy_under_attack"] == 0.0
+  # floor(0.1 * 6) = 0: no change is allowed at all.
+  (record,), _ = attack([EXAMPLES[2]], toy_predict(), EMBEDDINGS, VOCAB, k=2, max_fraction=0.1)
+  assert not record.success and record.num_changed == 0 and record.num_queries == 0
+
+
+def test_attack_text_b_and_errors():
+  pair = GlueExample("p", "the plot", "a good film", 1, 0)
+  (r,), _ = attack([pair], toy_predict(), EMBEDDINGS, VOCAB, k=2)
+  assert r.skipped  # the toy model only reads text_a
+  pair = GlueExample("p", "good plot", "a good film with the great movie", 1, 0)
+  (r,), _ = attack([pair], toy_predict(), EMBEDDINGS, VOCAB, k=2, attack_text_b=True)
+  assert r.success and r.num_words == 9 and r.adversarial.text_b == pair.text_b
+  assert r.adversarial.text_a == "bad plot"
+  with pytest.raises(ValueError, match="integer class labels"):
+    attack([ex(0, "good", None)], toy_predict(), EMBEDDINGS, VOCAB)
+  with pytest.raises(ValueError, match="max_fraction"):
+    attack(EXAMPLES, toy_predict(), EMBEDDINGS, VOCAB, max_fraction=0)
+  with pytest.raises(ValueError, match=r"probabilities \[5, C\]"):
+    attack(EXAMPLES, lambda exs: np.ones(3), EMBEDDINGS, VOCAB)
+
+
+def test_loyalty_hand_computed():
+  arrays = {k: np.zeros((3, 4), np.int32)
+            for k in ("input_ids", "attention_mask", "token_type_ids")}
+  arrays["input_ids"][:, 0] = [0, 1, 2]
+  teacher_logits = np.array([[0, 0], [math.log(3), 0], [2, -1]], np.float32)
+  student_logits = np.array([[0, 0], [0, math.log(3)], [2, -1]], np.float32)
+  seen = []
+
+  def from_table(table):
+    def predict(batch):
+      seen.append(batch["input_ids"].shape)
+      return table[batch["input_ids"][:, 0]]
+    return predict
+
+  same = evaluate_loyalty(from_table(teacher_logits), from_table(teacher_logits), arrays, 2)
+  assert same == pytest.approx({"label_loyalty": 1.0, "probability_loyalty": 1.0})
+  assert set(seen) == {(2, 4)}  # the last batch is filled to full size
+  # row 1: P = (3/4, 1/4), Q = (1/4, 3/4), M = (1/2, 1/2):
+  # JSD = KL(P||M) = 3/4 log2(3/2) + 1/4 log2(1/2); rows 0 and 2 are identical.
+  jsd = 0.75 * math.log2(1.5) - 0.25
+  got = evaluate_loyalty(from_table(teacher_logits), from_table(student_logits), arrays, 2)
+  assert got["label_loyalty"] == pytest.approx(2 / 3)
+  assert got["probability_loyalty"] == pytest.approx((2 + 1 - math.sqrt(jsd)) / 3)
+  np.testing.assert_allclose(softmax([[math.log(3), 0]]), [[0.75, 0.25]], rtol=1e-12)
+  with pytest.raises(ValueError, match="number of labels"):
+    evaluate_loyalty(from_table(teacher_logits), from_table(np.zeros((3, 3))), arrays, 2)
+
+
+def test_write_results_merges(tmp_path):
+  (tmp_path / "eval_results.json").write_text(json.dumps({"dev_accuracy": 0.9}))
+  records, summary = attack(EXAMPLES, toy_predict(), EMBEDDINGS, VOCAB, k=2)
+  merged = write_results(tmp_path, attack_summary=summary, records=records,
+                         loyalty={"label_loyalty": 0.5, "probability_loyalty": 0.75})
+  on_disk = json.loads((tmp_path / "eval_results.json").read_text())
+  assert on_disk == merged
+  assert on_disk["dev_accuracy"] == 0.9 and on_disk["loyalty_label"] == 0.5
+  assert on_disk["loyalty_probability"] == 0.75
+  assert on_disk["attack_success_rate"] == pytest.approx(2 / 3)
+  lines = (tmp_path / "attack_examples.jsonl").read_text().splitlines()
+  assert len(lines) == 5
+  assert json.loads(lines[0])["adversarial_text_a"] == "The film was Bad, and the plot was fine too"
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+  config = get_preset("mobilebert", tiny_variant=True, vocab_size=2972)
+  model = build_model(config, "classification")
+  return model, init_params(model, config, jax.random.PRNGKey(0))
+
+
+def test_predict_fn_and_text_predictor_on_tiny_model(tiny_classifier):
+  model, params = tiny_classifier
+  tokenizer = load_tokenizer(sample_vocab_path())
+  examples = [ex(0, "a good film", 1), ex(1, "the plot was not interesting at all", 0),
+              ex(2, "fine", 1)]
+  predict = predict_fn(model, params)
+  arrays = encode_examples(examples, tokenizer, max_seq_length=16)
+  logits = batched_logits(predict, arrays, batch_size=2)
+  assert logits.shape == (3, 2) and logits.dtype == np.float32
+  probs = text_predictor(tokenizer, predict, max_seq_length=16, batch_size=2)(examples)
+  assert probs.shape == (3, 2) and probs.dtype == np.float64
+  np.testing.assert_allclose(probs, softmax(logits), rtol=1e-6)
+  assert evaluate_loyalty(predict, predict, arrays, 2)["label_loyalty"] == 1.0
+  # an end-to-end attack with the model's own input embeddings, on examples it "gets right"
+  predict_text = text_predictor(tokenizer, predict, max_seq_length=16, batch_size=8)
+  labelled = [ex(i, e.text_a, int(p)) for i, (e, p) in enumerate(zip(examples,
+                                                                      probs.argmax(axis=1)))]
+  embeddings = params["backbone"]["embeddings"]["word_embeddings"]["embedding"]
+  vocab = tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))
+  records, summary = attack(labelled, predict_text, embeddings, vocab, k=4, max_fraction=0.5)
+  assert summary["clean_accuracy"] == 1.0
+  for r in records:
+    assert r.num_changed <= math.floor(0.5 * r.num_words)
+    assert r.success == (r.adversarial_prediction != r.label)
