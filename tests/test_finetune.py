@@ -153,6 +153,7 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
                    prediction=("task_prediction", 120))
   c.teacher_checkpoint = str(tmp_path / "teacher_run" / "student")
   c.check_teacher_config = False
+  c.robustness = dict(enabled=True, max_examples=16, k=5, max_fraction=0.3)
   c.student = dict(preset="tinybert_4l", tiny=True, vocab_size=2972, hidden_size=32,
                    embedding_size=32, intra_size=32, num_heads=4, intermediate_size=64,
                    max_position_embeddings=64)
@@ -165,5 +166,10 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
       next(m for m in rows if m["stage"] == "intermediate"))
   results = json.loads((workdir / "eval_results.json").read_text())
   assert results["dev_accuracy"] >= 0.85, results
+  # Loyalty to the teacher and robustness under a word-substitution attack, on the dev set.
+  assert 0.85 <= results["loyalty_label"] <= 1.0
+  assert 0.0 < results["loyalty_probability"] <= 1.0
+  assert 0.0 <= results["attack_success_rate"] <= 1.0
+  assert results["attack_accuracy_under_attack"] <= results["attack_clean_accuracy"]
   model, _ = load_pretrained(str(workdir / "student"))
   assert type(model).__name__ == "ForSequenceClassification" and model.config.hidden_size == 32

@@ -97,3 +97,32 @@ def evaluate_squad(cs, params, dataset, workdir: str, writer, *, version_2: bool
       json.dump(answers, f, indent=2, sort_keys=True)
   write_results(cs, results, workdir, writer)
   return results
+
+
+def evaluate_teacher_student(cs, params, dataset, workdir: str, *, teacher=None,
+                             attack_config=None) -> dict[str, float]:
+  """Loyalty of the student to `teacher` ((model, params), e.g. after task distillation) and an
+  adversarial word-substitution attack on the student (`attack_config`: enabled, max_examples, k,
+  max_fraction), both on the first dev split, merged into `eval_results.json`."""
+  from mobilebert_jax.downstream import loyalty, robustness
+  split = dataset.available_splits("eval")[0]
+  student_predict = loyalty.predict_fn(cs.model, params)
+  results = {}
+  loyalty_scores = None
+  if teacher is not None:
+    arrays = dataset.encode(split)
+    loyalty_scores = loyalty.evaluate_loyalty(loyalty.predict_fn(*teacher), student_predict,
+                                              arrays, dataset.global_batch_size)
+  summary = None
+  if attack_config is not None and attack_config.get("enabled", False):
+    examples = dataset.examples(split)[:int(attack_config.get("max_examples", 100))]
+    predict_text = robustness.text_predictor(dataset.tokenizer, student_predict,
+                                             dataset.max_seq_length, dataset.global_batch_size)
+    table = np.asarray(params["backbone"]["embeddings"]["word_embeddings"]["embedding"])
+    vocab = dataset.tokenizer.convert_ids_to_tokens(list(range(table.shape[0])))
+    _, summary = robustness.attack(examples, predict_text, table, vocab,
+                                   k=int(attack_config.get("k", 15)),
+                                   max_fraction=float(attack_config.get("max_fraction", 0.3)))
+  if jax.process_index() == 0 and (loyalty_scores or summary):
+    results = robustness.write_results(workdir, attack_summary=summary, loyalty=loyalty_scores)
+  return results

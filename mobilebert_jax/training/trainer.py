@@ -42,7 +42,8 @@ log = logging.getLogger("mobilebert_jax")
 ROLES = ("teacher", "student")
 RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
                  "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
-                 "task", "init_checkpoint", "data_dir", "squad_data")
+                 "task", "init_checkpoint", "data_dir", "squad_data", "robustness",
+                 "augmentation", "check_teacher_config")
 # Strategies that train a task head on downstream data (GLUE or SQuAD), and those whose trained
 # model is scored on the task's dev data when the stage ends.
 DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction")
@@ -498,6 +499,13 @@ class Trainer:
       from mobilebert_jax.downstream import evaluation
       if stage.strategy in GLUE_STRATEGIES:
         evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
+        teacher = None
+        if stage.strategy == "task_prediction":
+          teacher_model = build_model(self.model_configs["teacher"], "classification")
+          teacher = (teacher_model, self.latest["teacher"])
+        evaluation.evaluate_teacher_student(cs, self.latest[role], dataset, self.workdir,
+                                            teacher=teacher,
+                                            attack_config=self.config.get("robustness", None))
       else:
         sq = self.config.squad_data
         evaluation.evaluate_squad(
