@@ -18,6 +18,7 @@ EXPECTED = {
     "tinybert_general_distill.py": ("general", "bert_base", "tinybert_4l"),
     "glue.py": ("finetune", "ib_bert_large", "mobilebert"),
     "squad.py": ("squad", "ib_bert_large", "mobilebert"),
+    "tinybert_task_distill.py": ("intermediate,prediction", "bert_base", "tinybert_4l"),
 }
 
 

@@ -154,6 +154,13 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
   c.teacher_checkpoint = str(tmp_path / "teacher_run" / "student")
   c.check_teacher_config = False
   c.robustness = dict(enabled=True, max_examples=16, k=5, max_fraction=0.3)
+  # Augmentation with a (random, tiny) pretrained MLM: 2 extra copies of every training example.
+  mlm_cfg = get_preset("mobilebert", tiny_variant=True, vocab_size=2972, max_position_embeddings=64)
+  save_pretrained(str(tmp_path / "mlm"), mlm_cfg,
+                  init_params(build_model(mlm_cfg, "pretraining"), mlm_cfg, jax.random.PRNGKey(5)),
+                  "pretraining")
+  c.augmentation = dict(enabled=True, mlm_checkpoint=str(tmp_path / "mlm"), p_t=0.4, n_aug=2, k=5,
+                        cache="")
   c.student = dict(preset="tinybert_4l", tiny=True, vocab_size=2972, hidden_size=32,
                    embedding_size=32, intra_size=32, num_heads=4, intermediate_size=64,
                    max_position_embeddings=64)
@@ -173,3 +180,5 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
   assert results["attack_accuracy_under_attack"] <= results["attack_clean_accuracy"]
   model, _ = load_pretrained(str(workdir / "student"))
   assert type(model).__name__ == "ForSequenceClassification" and model.config.hidden_size == 32
+  cached = (workdir / "augmented_sst2.jsonl").read_text().strip().split("\n")
+  assert len(cached) == 1 + 3 * 256  # header, then each original and its 2 augmented copies

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -103,6 +103,8 @@ def mlm_predict_fn(model, params) -> MlmPredict:
     raise ValueError(f"mlm_predict_fn needs a model with an MLM head (pretraining or masked_lm), "
                      f"got {type(model).__name__}")
 
+  params = jax.device_put(params)
+
   @jax.jit
   def logits(params, input_ids, attention_mask, token_type_ids, positions):
     out = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
@@ -122,7 +124,6 @@ def mlm_predict_fn(model, params) -> MlmPredict:
 
 @dataclasses.dataclass
 class _Word:
-  field: str
   start: int             # the replaceable core: text[start:end]
   end: int
   key: str               # the core as the tokenizer normalises it (lower-cased when uncased)
@@ -154,9 +155,8 @@ def _normalize(tokenizer, text: str) -> str:
   return normalizer.normalize_str(text) if normalizer is not None else text
 
 
-def _find_words(tokenizer, text: str, field: str, encoding) -> list[_Word]:
+def _find_words(tokenizer, text: str, ids, offsets) -> list[_Word]:
   """The replaceable words of `text` with their pieces (from the fast tokenizer's offsets)."""
-  ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
   words = []
   t = 0
   for m in _WORD.finditer(text):
@@ -172,12 +172,13 @@ def _find_words(tokenizer, text: str, field: str, encoding) -> list[_Word]:
     key = _normalize(tokenizer, text[start:end])
     if not key or not key.isalnum():
       continue
-    words.append(_Word(field, start, end, key, list(ids[first:t]), first))
+    words.append(_Word(start, end, key, list(ids[first:t]), first))
   return words
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-  """Indices of the k largest entries of each row, best first (ties: lower index first)."""
+  """Indices of the k largest entries of each row, best first (which of several equal scores
+  at the k-th place make the cut is unspecified, but deterministic)."""
   k = min(k, scores.shape[-1])
   part = np.argpartition(-scores, k - 1, axis=-1)[..., :k]
   vals = np.take_along_axis(scores, part, axis=-1)
@@ -205,6 +206,8 @@ def _mlm_candidates(rows, sequences, tokenizer, mlm_predict, k, whole, batch_siz
     mask = np.zeros(shape, np.int32)
     types = np.zeros(shape, np.int32)
     positions = np.zeros((batch_size, 1), np.int32)
+    ids[len(chunk):, :2] = tokenizer.cls_token_id, tokenizer.sep_token_id   # filler rows
+    mask[len(chunk):, :2] = 1
     for r, (i, pos, _) in enumerate(chunk):
       seq, seg = sequences[i]
       ids[r, :len(seq)], mask[r, :len(seq)], types[r, :len(seq)] = seq, 1, seg
@@ -221,7 +224,7 @@ def _mlm_candidates(rows, sequences, tokenizer, mlm_predict, k, whole, batch_siz
 
 
 def _neighbour_candidates(words: list[_Word], table, whole: np.ndarray, k: int, tokenizer,
-                          chunk: int = 1024) -> None:
+                          max_scores: int = 2 ** 24) -> None:
   """Fills the candidates of multi-piece words from nearest embeddings (cosine)."""
   unique: dict[str, list[_Word]] = {}
   for w in words:
@@ -247,6 +250,7 @@ def _neighbour_candidates(words: list[_Word], table, whole: np.ndarray, k: int, 
     return
   normed = matrix[pool].astype(np.float32)
   normed /= np.maximum(np.linalg.norm(normed, axis=1, keepdims=True), 1e-12)
+  chunk = max(1, max_scores // pool.size)   # bounds the [chunk, pool] similarity matrix
   for c in range(0, len(keys), chunk):
     q = np.stack(queries[c:c + chunk]).astype(np.float32)
     q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
@@ -292,7 +296,7 @@ def _replace(text: str, words: Sequence[_Word], choice: Mapping[int, str]) -> st
 def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: MlmPredict | None,
                      word_embeddings: np.ndarray | WordVectors | None, *, p_t: float = 0.4,
                      n_aug: int = 20, k: int = 15, seed: int = 0, max_seq_length: int = 128,
-                     fields: Sequence[str] = _FIELDS, batch_size: int = 64
+                     fields: Sequence[str] = _FIELDS, batch_size: int = 128
                      ) -> list[GlueExample]:
   """TinyBERT's augmentation: each original followed by `n_aug` copies (guid "<guid>-aug<j>").
 
@@ -309,6 +313,8 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
     batch_size: masked words per MLM call (one masked word per row).
   """
   _check_settings(p_t, n_aug, k, seed, max_seq_length, fields)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not getattr(tokenizer, "is_fast", False):
     raise ValueError("augment_examples needs a fast tokenizer (for word offsets); use "
                      "mobilebert_jax.data.load_tokenizer")
@@ -345,7 +351,8 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
       text = getattr(ex, field)
       if text is None:
         continue
-      words[field] = _find_words(tokenizer, text, field, encoded[field][i])
+      words[field] = _find_words(tokenizer, text, encoded[field]["input_ids"][i],
+                                 encoded[field]["offset_mapping"][i])
       kept, offset = (len(ids_a), 1) if field == "text_a" else (len(ids_b), len(ids_a) + 2)
       for w in words[field]:
         if len(w.pieces) > 1:
@@ -354,10 +361,13 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
           rows.append((i, offset + w.first_piece, w))
     per_example.append(words)
 
-  if mlm_predict is not None and rows and n_aug:
+  active = n_aug > 0 and p_t > 0
+  log.info("augmentation: %d examples, %d single-piece words (MLM, batches of %d), %d "
+           "multi-piece words", len(examples), len(rows), batch_size, len(multi))
+  if mlm_predict is not None and rows and active:
     _mlm_candidates(rows, sequences, tokenizer, mlm_predict, k, whole, batch_size,
                     max_seq_length)
-  if table is not None and multi and n_aug:
+  if table is not None and multi and active:
     _neighbour_candidates(multi, table, whole, k, tokenizer)
 
   out: list[GlueExample] = []
@@ -374,3 +384,119 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
         texts[field] = _replace(getattr(ex, field), ws, choice)
       out.append(dataclasses.replace(ex, guid=f"{ex.guid}-aug{j}", **texts))
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk cache.
+
+def _digest(*parts) -> str:
+  h = hashlib.sha256()
+  for part in parts:
+    if isinstance(part, np.ndarray):
+      h.update(str((part.dtype.str, part.shape)).encode())
+      h.update(np.ascontiguousarray(part).tobytes())
+    else:
+      h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+  return h.hexdigest()[:32]
+
+
+def _example_dict(ex: GlueExample) -> dict:
+  return {"guid": ex.guid, "text_a": ex.text_a, "text_b": ex.text_b, "label": ex.label,
+          "index": ex.index}
+
+
+def cache_settings(examples: Sequence[GlueExample], tokenizer, word_embeddings, *, p_t: float,
+                   n_aug: int, k: int, seed: int, max_seq_length: int, fields: Sequence[str],
+                   teacher: str | None = None) -> dict:
+  """What an augmented set depends on, as its cache header records it (hashes for the data).
+
+  The MLM is opaque here: the embeddings (when given; the teacher's own table identifies the
+  teacher) are hashed and `teacher` (e.g. its checkpoint path) is recorded as given.
+  """
+  if isinstance(word_embeddings, WordVectors):
+    embeddings = _digest(list(word_embeddings.words), np.asarray(word_embeddings.vectors))
+  elif word_embeddings is not None:
+    embeddings = _digest(np.asarray(word_embeddings))
+  else:
+    embeddings = None
+  vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+  return {"p_t": float(p_t), "n_aug": int(n_aug), "k": int(k), "seed": int(seed),
+          "max_seq_length": int(max_seq_length), "fields": list(fields),
+          "examples": _digest([_example_dict(ex) for ex in examples]),
+          "num_examples": len(examples), "vocab": _digest(vocab),
+          "embeddings": embeddings, "teacher": teacher}
+
+
+def _read_cache(path: Path, settings: dict) -> list[GlueExample] | None:
+  """The cached examples, or None when missing, unreadable or made with other settings."""
+  if not path.is_file():
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      header = json.loads(f.readline())
+      if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
+        log.info("augmentation cache %s: not a version %d cache; rebuilding", path,
+                 CACHE_VERSION)
+        return None
+      if header.get("settings") != settings:
+        changed = sorted(key for key in set(settings) | set(header.get("settings") or {})
+                         if (header.get("settings") or {}).get(key) != settings.get(key))
+        log.info("augmentation cache %s: settings changed (%s); rebuilding", path,
+                 ", ".join(changed))
+        return None
+      examples = [GlueExample(**json.loads(line)) for line in f if line.strip()]
+  except (ValueError, TypeError, OSError) as e:
+    log.warning("augmentation cache %s is unreadable (%s); rebuilding", path, e)
+    return None
+  if len(examples) != header.get("count"):
+    log.warning("augmentation cache %s holds %d examples, its header says %s; rebuilding",
+                path, len(examples), header.get("count"))
+    return None
+  return examples
+
+
+def _write_cache(path: Path, settings: dict, examples: Sequence[GlueExample]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "count": len(examples),
+                "settings": settings}
+      f.write(json.dumps(header, ensure_ascii=False) + "\n")
+      for ex in examples:
+        f.write(json.dumps(_example_dict(ex), ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load_or_augment(cache_path: str | os.PathLike, examples: Sequence[GlueExample], tokenizer,
+                    mlm_predict: MlmPredict | None, word_embeddings, *, p_t: float = 0.4,
+                    n_aug: int = 20, k: int = 15, seed: int = 0, max_seq_length: int = 128,
+                    fields: Sequence[str] = _FIELDS, batch_size: int = 128,
+                    teacher: str | None = None) -> list[GlueExample]:
+  """`augment_examples`, cached as JSON lines at `cache_path` (a header, then one example a line).
+
+  The cache is reused when its header matches `cache_settings` (the settings and hashes of the
+  examples, the vocab and the embeddings, plus `teacher`), otherwise rebuilt and replaced
+  atomically (temporary file + rename). Arguments as for augment_examples.
+  """
+  path = Path(os.path.expanduser(os.fspath(cache_path)))
+  examples = list(examples)
+  knobs = dict(p_t=p_t, n_aug=n_aug, k=k, seed=seed, max_seq_length=max_seq_length,
+               fields=tuple(fields))
+  settings = cache_settings(examples, tokenizer, word_embeddings, teacher=teacher, **knobs)
+  cached = _read_cache(path, settings)
+  if cached is not None:
+    log.info("augmentation: reusing %d examples from %s", len(cached), path)
+    return cached
+  augmented = augment_examples(examples, tokenizer, mlm_predict, word_embeddings,
+                               batch_size=batch_size, **knobs)
+  _write_cache(path, settings, augmented)
+  log.info("augmentation: wrote %d examples (%d originals) to %s", len(augmented),
+           len(examples), path)
+  return augmented

@@ -82,17 +82,27 @@ class GlueDataset(TokenizedDataset):
 
   Data come from `data_dir` (GLUE TSV files) or, when it is empty, from tensorflow-datasets
   (`tfds_data_dir`). The tokenizer is `vocab_path` (a vocab.txt or a checkpoint directory).
+  `augment(examples, tokenizer) -> examples` may enlarge the training split (TinyBERT's data
+  augmentation).
   """
 
   def __init__(self, task: str, *, data_dir: str, vocab_path: str, max_seq_length: int,
                batch_size: int, seed: int = 0, tfds_data_dir: str = "", process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, augment=None):
     self.task = get_task(task)
+    self.augment = augment
     self.data_dir, self.tfds_data_dir = data_dir, tfds_data_dir
     self.max_seq_length = max_seq_length
-    super().__init__(vocab_path, lambda: self.encode("train"), batch_size, seed=seed,
+    super().__init__(vocab_path, self._train_arrays, batch_size, seed=seed,
                      process_index=process_index, process_count=process_count,
                      name=f"GLUE {self.task.name} train")
+
+  def _train_arrays(self) -> dict[str, np.ndarray]:
+    examples = self.examples("train")
+    if self.augment is not None:
+      examples = self.augment(examples, self.tokenizer)
+    return glue_data.encode_examples(examples, self.tokenizer, self.max_seq_length,
+                                     task=self.task)
 
   def examples(self, split: str):
     if self.data_dir:

@@ -304,6 +304,30 @@ class Trainer:
     self.latest["student"] = to_host(params)
     self.heads["student"] = head
 
+  def augmenter(self, name: str):
+    """TinyBERT's data augmentation for a task-distillation stage when config.augmentation is
+    enabled: MLM candidates from `augmentation.mlm_checkpoint` (a pretrained, not fine-tuned,
+    model) and nearest neighbours in its token embeddings; cached in the workdir."""
+    aug = self.config.get("augmentation", None)
+    if not aug or not aug.get("enabled", False) or \
+        self.config[name].strategy not in ("task_intermediate", "task_prediction"):
+      return None
+    if not aug.get("mlm_checkpoint", ""):
+      raise ValueError("config.augmentation.enabled needs config.augmentation.mlm_checkpoint, a "
+                       "pretrained model with an MLM head (e.g. the general teacher)")
+    from mobilebert_jax.downstream import augmentation
+    mlm_model, mlm_params = pretrained.load_pretrained(aug.mlm_checkpoint, "masked_lm")
+    cache = aug.get("cache", "") or os.path.join(
+        self.workdir, f"augmented_{self.config.get('task', '')}.jsonl")
+
+    def augment(examples, tokenizer):
+      return augmentation.load_or_augment(
+          cache, examples, tokenizer, augmentation.mlm_predict_fn(mlm_model, mlm_params),
+          augmentation.token_embedding_table(mlm_params), p_t=float(aug.p_t),
+          n_aug=int(aug.n_aug), k=int(aug.k), seed=int(self.config.get("seed", 0)),
+          max_seq_length=int(self.config.data.max_seq_length), teacher=aug.mlm_checkpoint)
+    return augment
+
   def _check_task_labels(self, model_cfg: ModelConfig, where: str) -> None:
     from mobilebert_jax.downstream import get_task
     task = get_task(self.config.get("task", ""))
@@ -330,7 +354,7 @@ class Trainer:
           tfds_data_dir=data.get("tfds_data_dir", "") or "", vocab_path=self.tokenizer_dir(),
           max_seq_length=int(data.max_seq_length), batch_size=int(data.batch_size),
           seed=int(data.get("seed", 0)) + index, process_index=jax.process_index(),
-          process_count=jax.process_count())
+          process_count=jax.process_count(), augment=self.augmenter(name))
     data = self.config.data.to_dict()
     data["seed"] = int(data.get("seed", 0)) + index
     if not data.get("vocab_path"):
