@@ -94,7 +94,11 @@ def lsq_quantize(x: Array, step: Array, bits: int, signed: bool = True) -> Array
   step = jnp.asarray(step)
   if not jnp.issubdtype(step.dtype, jnp.floating):
     step = step.astype(jnp.float32)
-  if jnp.broadcast_shapes(step.shape, x.shape) != x.shape:
+  try:
+    broadcasts = jnp.broadcast_shapes(step.shape, x.shape) == x.shape
+  except ValueError:
+    broadcasts = False
+  if not broadcasts:
     raise ValueError(f"step of shape {step.shape} does not broadcast to x of shape {x.shape}")
   return _lsq(x, step, bits, bool(signed))
 
@@ -127,6 +131,13 @@ def _n_input_axes(module: nn.DenseGeneral) -> int:
   return len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
 
 
+def _step(entry: Any, key: str, module: nn.Module) -> Array:
+  if not isinstance(entry, Mapping) or key not in entry:
+    raise KeyError(f"no {key!r} step for dense layer {common.path_name(module.path)!r}; create "
+                   "the steps with init_lsq_steps and the same weight_bits / act_bits settings")
+  return entry[key]
+
+
 def lsq_interceptor(steps: Mapping, weight_bits: int | None = 8, act_bits: int | None = 8,
                     act_signed: bool = True) -> Callable:
   """A `nn.intercept_methods` interceptor quantizing every dense layer with learned steps.
@@ -147,11 +158,11 @@ def lsq_interceptor(steps: Mapping, weight_bits: int | None = 8, act_bits: int |
     entry = common.lookup(steps, module.path, "LSQ step sizes")
     x = args[0]
     if act_bits is not None:
-      x = lsq_quantize(x, common.lookup(entry, ("input",), "input step"), act_bits, act_signed)
+      x = lsq_quantize(x, _step(entry, "input", module), act_bits, act_signed)
     if weight_bits is None:
       return next_fun(x, *args[1:], **kwargs)
     params = _dense_params(context)
-    kernel_step = common.lookup(entry, ("kernel",), "kernel step")
+    kernel_step = _step(entry, "kernel", module)
     params["kernel"] = lsq_quantize(params["kernel"], kernel_step, weight_bits, signed=True)
     token = _INSIDE.set(True)
     try:
@@ -197,10 +208,14 @@ def init_lsq_steps(model: nn.Module, params: Mapping, batch: Any, *, weight_bits
       context.module.sow(_INIT, "steps", value)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(interceptor):
-    _, state = common.apply_batch(model, {"params": params}, batch, mutable=[_INIT],
-                                  **apply_kwargs)
-  per_module = common.sown(state.get(_INIT, {}), "steps")
+  @jax.jit
+  def sown_steps(params, batch):
+    with nn.intercept_methods(interceptor):
+      _, state = common.apply_batch(model, {"params": params}, batch, mutable=[_INIT],
+                                    **apply_kwargs)
+    return common.sown(state.get(_INIT, {}), "steps")
+
+  per_module = sown_steps(params, batch)
   if not per_module:
     raise ValueError(f"{type(model).__name__} called no DenseGeneral layer; no steps to create")
   return common.map_modules(

@@ -22,6 +22,7 @@ clip(round(x / s), -Qp, Qp) * s and the weights by W_hat. This simulates int8 in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -120,6 +121,7 @@ def _map_weights(fn: Callable[[tuple[str, ...], Array, int, tuple[int, ...]], An
   return traverse_util.unflatten_dict(out)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def quantize_params(params: Mapping, weight_bits: int | None = 8,
                     embedding_bits: int | None = 8) -> dict:
   """Replaces every dense kernel (per output channel) and embedding (per row) by a
@@ -134,6 +136,7 @@ def dequantize_params(qparams: Mapping) -> dict:
                       is_leaf=lambda x: isinstance(x, QuantizedTensor))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def fake_quantize_params(params: Mapping, weight_bits: int | None = 8,
                          embedding_bits: int | None = 8) -> dict:
   """Quantize then dequantize (W_hat, in each leaf's own dtype): simulated low-bit weights."""
