@@ -126,3 +126,38 @@ def evaluate_teacher_student(cs, params, dataset, workdir: str, *, teacher=None,
   if jax.process_index() == 0 and (loyalty_scores or summary):
     results = robustness.write_results(workdir, attack_summary=summary, loyalty=loyalty_scores)
   return results
+
+
+def evaluate_ptq(cs, params, dataset, workdir: str, writer, qconfig) -> dict[str, float]:
+  """Post-training quantization of the fine-tuned classifier: calibrate the dense-layer inputs
+  on `calibration_batches` training batches, then score every dev split with int8 weights and
+  activations (`int8_<split>_<metric>`), next to the model size in bits and its compression
+  ratio against float32."""
+  from mobilebert_jax import quantization
+  from mobilebert_jax.downstream import loyalty
+  quantizer = quantization.PostTrainingQuantizer(
+      weight_bits=int(qconfig.get("weight_bits", 8)), act_bits=int(qconfig.get("act_bits", 8)),
+      embedding_bits=int(qconfig.get("embedding_bits", 8)),
+      method=qconfig.get("calibration", "max"))
+  keys = ("input_ids", "attention_mask", "token_type_ids")
+  train = dataset.arrays
+  size = dataset.global_batch_size
+  batches = [{k: train[k][i:i + size] for k in keys}
+             for i in range(0, min(len(train["input_ids"]),
+                                   size * int(qconfig.get("calibration_batches", 8))), size)]
+  scales = quantizer.calibrate(cs.model, params, batches)
+
+  @jax.jit
+  def forward(batch):
+    return quantizer.quantized_apply(cs.model, params, scales, **batch).logits
+
+  bits = quantizer.weight_bits
+  results = {f"int{bits}_model_size_bits": float(quantizer.model_size_bits(params)),
+             f"int{bits}_compression_ratio": float(quantizer.compression_ratio(params))}
+  for split in dataset.available_splits("eval"):
+    arrays = dataset.encode(split)
+    logits = loyalty.batched_logits(lambda b: np.asarray(forward(b)), arrays, size)
+    for metric, value in glue_metrics(dataset.task, logits, arrays["labels"]).items():
+      results[f"int{bits}_{split}_{metric}"] = float(value)
+  write_results(cs, results, workdir, writer)
+  return results

@@ -43,7 +43,7 @@ ROLES = ("teacher", "student")
 RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
                  "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
                  "task", "init_checkpoint", "data_dir", "squad_data", "robustness",
-                 "augmentation", "check_teacher_config")
+                 "augmentation", "check_teacher_config", "quantization")
 # Strategies that train a task head on downstream data (GLUE or SQuAD), and those whose trained
 # model is scored on the task's dev data when the stage ends.
 DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction")
@@ -530,6 +530,10 @@ class Trainer:
         evaluation.evaluate_teacher_student(cs, self.latest[role], dataset, self.workdir,
                                             teacher=teacher,
                                             attack_config=self.config.get("robustness", None))
+        quant = self.config.get("quantization", None)
+        if quant is not None and quant.get("ptq_eval", False):
+          evaluation.evaluate_ptq(cs, self.latest[role], dataset, self.workdir, self.writer,
+                                  quant)
       else:
         sq = self.config.squad_data
         evaluation.evaluate_squad(
