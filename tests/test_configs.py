@@ -19,6 +19,7 @@ EXPECTED = {
     "glue.py": ("finetune", "ib_bert_large", "mobilebert"),
     "squad.py": ("squad", "ib_bert_large", "mobilebert"),
     "tinybert_task_distill.py": ("intermediate,prediction", "bert_base", "tinybert_4l"),
+    "kdlsq.py": ("quantize", "mobilebert", "mobilebert"),
 }
 
 

@@ -186,3 +186,37 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
   assert type(model).__name__ == "ForSequenceClassification" and model.config.hidden_size == 32
   cached = (workdir / "augmented_sst2.jsonl").read_text().strip().split("\n")
   assert len(cached) == 1 + 3 * 256  # header, then each original and its 2 augmented copies
+
+
+def test_kdlsq_quantization_aware_distillation(tmp_path):
+  rng = np.random.default_rng(3)
+  vocab = [w for w in sample_vocab_path().read_text().split("\n")[5:]
+           if w.isalpha() and len(w) > 3][:60]
+  write_sst2(tmp_path / "glue" / "SST-2", rng, vocab)
+  fp = _glue_config(tmp_path, "finetune", finetune=("finetune", 120))
+  fp.student = dict(preset="mobilebert", tiny=True, vocab_size=2972, max_position_embeddings=64)
+  Trainer(fp, str(tmp_path / "fp")).run()
+  fp_accuracy = json.loads((tmp_path / "fp" / "eval_results.json").read_text())["dev_accuracy"]
+
+  # 4-bit weights, 8-bit activations, learned step sizes, distilled from the float model.
+  c = _glue_config(tmp_path, "quantize", quantize=("kdlsq", 40))
+  c.quantize.weight_bits, c.quantize.act_bits = 4, 8
+  c.quantize.optimizer.learning_rate = 1e-3
+  c.teacher_checkpoint = c.init_checkpoint = str(tmp_path / "fp" / "student")
+  c.check_teacher_config = False
+  workdir = tmp_path / "q"
+  Trainer(c, str(workdir)).run()
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert results["lsq4_dev_accuracy"] >= fp_accuracy - 0.1, (results, fp_accuracy)
+  # Kernels at 4 bits, everything else (embeddings, biases, norms) at 32.
+  _, tuned = load_pretrained(str(workdir / "quantize" / "final"))
+  leaves = jax.tree_util.tree_leaves_with_path(tuned)
+  kernels = sum(x.size for p, x in leaves if getattr(p[-1], "key", "") == "kernel")
+  total = sum(x.size for _, x in leaves)
+  expected_ratio = 32 * total / (4 * kernels + 32 * (total - kernels))
+  assert abs(results["lsq4_compression_ratio"] - expected_ratio) < 1e-6
+  steps = np.load(workdir / "quantize" / "final" / "lsq_steps.npz")
+  assert len(steps.files) > 0 and all(np.all(steps[k] > 0) for k in steps.files)
+  rows = [m for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if m["stage"] == "quantize" and "loss" in m]
+  assert rows[-1]["loss"] < rows[0]["loss"]

@@ -17,6 +17,9 @@ A strategy is a config entry (`stage.strategy`) plus one function here, not a ne
              TinyBERT task distillation from a fine-tuned classifier teacher: first the
              intermediate layers (as `tinybert`), then the prediction layer (soft cross-entropy
              against the teacher's logits at a temperature).
+  kdlsq      KDLSQ-BERT: the fine-tuned model with LSQ fake-quantized weights and dense inputs
+             (learned step sizes, `weight_bits` / `act_bits`) distilled from its full-precision
+             self: prediction soft cross-entropy + hidden-state MSE over every layer.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from mobilebert_jax import objectives
 from mobilebert_jax.models import ForMaskedLM, ForPreTraining, ModelConfig
 
 STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune", "squad",
-              "task_intermediate", "task_prediction")
+              "task_intermediate", "task_prediction", "kdlsq")
 DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert", "task_intermediate",
-                           "task_prediction")
+                           "task_prediction", "kdlsq")
 # The model head each strategy trains (the rest train the MLM + NSP model), and the head of the
 # teacher it reads (a fine-tuned classifier for task distillation).
 HEADS = {"finetune": "classification", "squad": "question_answering",
-         "task_intermediate": "classification", "task_prediction": "classification"}
-TEACHER_HEADS = {"task_intermediate": "classification", "task_prediction": "classification"}
+         "task_intermediate": "classification", "task_prediction": "classification",
+         "kdlsq": "classification"}
+TEACHER_HEADS = {"task_intermediate": "classification", "task_prediction": "classification",
+                 "kdlsq": "classification"}
+LSQ_STEP_FLOOR = 1e-6  # steps are kept positive
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -56,6 +62,9 @@ class Strategy:
   needs_teacher: bool
   multipliers: Callable[[jax.Array, Any], Any] | None = None
   aux_init: Callable[[jax.Array], dict] = lambda rng: {}
+  # aux_from(model_params, batch) -> aux computed from the starting weights and real data
+  # (LSQ step sizes); used instead of aux_init's values when a stage starts fresh.
+  aux_from: Callable[[Any, dict], dict] | None = None
 
 
 def head_for(strategy: str) -> str:
@@ -231,6 +240,39 @@ def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
           student.prediction_logits, batch["masked_lm_ids"], batch["masked_lm_weights"])
       return loss, terms
     return Strategy(name, loss_fn, needs_teacher=True)
+
+  if name == "kdlsq":
+    from mobilebert_jax import quantization
+    bits = dict(weight_bits=int(stage_cfg.get("weight_bits", 8)),
+                act_bits=int(stage_cfg.get("act_bits", 8)))
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+
+    def aux_from(model_params, batch):
+      steps = quantization.init_lsq_steps(student_model, model_params,
+                                          {k: batch[k] for k in keys}, **bits)
+      return {"lsq_steps": steps}
+
+    def aux_init(rng):
+      length = min(8, student_model.config.max_position_embeddings)
+      dummy = {k: jnp.ones((1, length), jnp.int32) for k in keys}
+      from mobilebert_jax.pretrained import init_params
+      return aux_from(init_params(student_model, student_model.config, rng), dummy)
+
+    def loss_fn(params, teacher_params, batch, rng, step):
+      steps = jax.tree.map(lambda x: jnp.maximum(x, LSQ_STEP_FLOOR), params["aux"]["lsq_steps"])
+      student = quantization.lsq_apply(
+          student_model, params["model"], steps, *(batch[k] for k in keys),
+          deterministic=False, output_hidden_states=True, rngs={"dropout": rng}, **bits)
+      teacher = teacher_forward(teacher_params, batch, hidden=True)
+      prediction = objectives.prediction_loss(student.logits, teacher.logits,
+                                              temperature=stage_cfg.get("temperature", 1.0))
+      hidden = sum(objectives.hidden_loss(s, t, attention_mask=batch["attention_mask"])
+                   for s, t in zip(student.hidden_states, teacher.hidden_states))
+      labels = batch["labels"].astype(jnp.int32)
+      accuracy = jnp.mean((jnp.argmax(student.logits, -1) == labels).astype(jnp.float32))
+      return prediction + hidden, {"prediction": prediction, "hidden": hidden,
+                                   "accuracy": accuracy}
+    return Strategy(name, loss_fn, needs_teacher=True, aux_init=aux_init, aux_from=aux_from)
 
   if name == "task_prediction":
     def loss_fn(params, teacher_params, batch, rng, step):

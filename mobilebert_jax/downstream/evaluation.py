@@ -161,3 +161,41 @@ def evaluate_ptq(cs, params, dataset, workdir: str, writer, qconfig) -> dict[str
       results[f"int{bits}_{split}_{metric}"] = float(value)
   write_results(cs, results, workdir, writer)
   return results
+
+
+def evaluate_lsq(cs, params, steps, dataset, final_dir: str, workdir: str,
+                 writer) -> dict[str, float]:
+  """Scores the LSQ-quantized classifier (learned `steps`) on every dev split
+  (`lsq<bits>_<split>_<metric>`), reports the weights' size in bits and the compression ratio
+  against float32, and stores the steps beside the model (`final_dir/lsq_steps.npz`)."""
+  from flax import traverse_util
+  from mobilebert_jax import quantization
+  from mobilebert_jax.distill.strategies import LSQ_STEP_FLOOR
+  from mobilebert_jax.downstream import loyalty
+  stage = cs.stage
+  bits = dict(weight_bits=int(stage.get("weight_bits", 8)), act_bits=int(stage.get("act_bits", 8)))
+  steps = jax.tree.map(lambda x: np.maximum(x, LSQ_STEP_FLOOR), steps)
+  keys = ("input_ids", "attention_mask", "token_type_ids")
+
+  @jax.jit
+  def forward(batch):
+    return quantization.lsq_apply(cs.model, params, steps, *(batch[k] for k in keys),
+                                  **bits).logits
+
+  def leaf_bits(path, leaf):
+    return bits["weight_bits"] if path.endswith("/kernel") else 32
+
+  w = bits["weight_bits"]
+  results = {f"lsq{w}_model_size_bits": float(quantization.model_size_bits(params, leaf_bits)),
+             f"lsq{w}_compression_ratio": float(quantization.compression_ratio(params, leaf_bits))}
+  for split in dataset.available_splits("eval"):
+    arrays = dataset.encode(split)
+    logits = loyalty.batched_logits(lambda b: np.asarray(forward(b)), arrays,
+                                    dataset.global_batch_size)
+    for metric, value in glue_metrics(dataset.task, logits, arrays["labels"]).items():
+      results[f"lsq{w}_{split}_{metric}"] = float(value)
+  if jax.process_index() == 0:
+    flat = traverse_util.flatten_dict(steps, sep="/")
+    np.savez(os.path.join(final_dir, "lsq_steps.npz"), **{k: np.asarray(v) for k, v in flat.items()})
+  write_results(cs, results, workdir, writer)
+  return results

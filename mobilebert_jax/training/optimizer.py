@@ -101,15 +101,16 @@ def param_path(path) -> tuple[str, ...]:
 def decay_mask(params) -> Any:
     """Pytree of bools matching `params`: True where weight decay applies.
 
-    False for leaves named `bias` or `scale` and for every leaf under a module whose
-    name contains "norm" (case-insensitive: LayerNorm, NoNorm, `norm`, ...); True for
-    everything else (kernels, embeddings).
+    False for leaves named `bias` or `scale`, for every leaf under a module whose
+    name contains "norm" (case-insensitive: LayerNorm, NoNorm, `norm`, ...) and for
+    learned quantization step sizes (under `lsq_steps`); True for everything else
+    (kernels, embeddings).
     """
     def is_decayed(path, _):
         names = param_path(path)
         if not names:
             return True
-        if names[-1] in ("bias", "scale"):
+        if names[-1] in ("bias", "scale") or "lsq_steps" in names:
             return False
         return not any("norm" in n.lower() for n in names[:-1])
 

@@ -46,9 +46,9 @@ RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "
                  "augmentation", "check_teacher_config", "quantization")
 # Strategies that train a task head on downstream data (GLUE or SQuAD), and those whose trained
 # model is scored on the task's dev data when the stage ends.
-DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction")
-GLUE_STRATEGIES = ("finetune", "task_intermediate", "task_prediction")
-EVALUATED_STRATEGIES = ("finetune", "squad", "task_prediction")
+DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction", "kdlsq")
+GLUE_STRATEGIES = ("finetune", "task_intermediate", "task_prediction", "kdlsq")
+EVALUATED_STRATEGIES = ("finetune", "squad", "task_prediction", "kdlsq")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -237,6 +237,7 @@ class Trainer:
     }
     self.latest: dict[str, dict | None] = {"teacher": None, "student": None}
     self.heads = {"teacher": "pretraining", "student": "pretraining"}  # head of `latest`
+    self.latest_aux: dict[str, dict] = {"teacher": {}, "student": {}}  # e.g. LSQ steps
     self._check_inputs()
 
   # -- checks before any compute ------------------------------------------------
@@ -513,6 +514,9 @@ class Trainer:
     else:
       params = self.initial_params(name, stage, role, cs.model, cs.model_config, cs.strategy,
                                    cs.rng)
+      if cs.strategy.aux_from is not None:  # e.g. LSQ steps from the real weights and data
+        sample = {k: v[:dataset.local_batch_size] for k, v in dataset.arrays.items()}
+        params["aux"] = jax.tree.map(np.asarray, cs.strategy.aux_from(params["model"], sample))
       state = cs.init_state(put_global(params, cs.shardings.params), cs.rng)
 
     try:
@@ -521,7 +525,11 @@ class Trainer:
       checkpointer.close()
     if finished and stage.strategy in EVALUATED_STRATEGIES:
       from mobilebert_jax.downstream import evaluation
-      if stage.strategy in GLUE_STRATEGIES:
+      if stage.strategy == "kdlsq":
+        evaluation.evaluate_lsq(cs, self.latest[role], self.latest_aux[role]["lsq_steps"],
+                                dataset, os.path.join(self.workdir, name, "final"),
+                                self.workdir, self.writer)
+      elif stage.strategy in GLUE_STRATEGIES:
         evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
         teacher = None
         if stage.strategy == "task_prediction":
@@ -597,6 +605,7 @@ class Trainer:
       prefetcher.close()
       self.writer.flush()
     self.latest[role] = to_host(state.params["model"])
+    self.latest_aux[role] = to_host(state.params["aux"])
     self.heads[role] = cs.head
     pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
                                self.model_configs[role], self.latest[role], cs.head,
