@@ -531,8 +531,8 @@ class Trainer:
                                 self.workdir, self.writer)
       elif stage.strategy in GLUE_STRATEGIES:
         evaluation.evaluate_glue(cs, self.latest[role], dataset, self.workdir, self.writer)
-        teacher = None
-        if stage.strategy == "task_prediction":
+        teacher = None  # loyalty needs a classifier teacher (task distillation, or any pair)
+        if self.latest["teacher"] is not None and self.heads["teacher"] == "classification":
           teacher_model = build_model(self.model_configs["teacher"], "classification")
           teacher = (teacher_model, self.latest["teacher"])
         evaluation.evaluate_teacher_student(cs, self.latest[role], dataset, self.workdir,
