@@ -16,10 +16,16 @@ from mobilebert_jax.training.metrics import read_metrics
 from mobilebert_jax.training.trainer import Trainer
 
 
-def write_sst2(directory, rng, vocab_words):
+def vocab_words(n=60):
+  """Whole words of the shipped demo vocab (so the synthetic tasks tokenise without [UNK])."""
+  words = sample_vocab_path().read_text().split("\n")[5:]
+  return [w for w in words if w.isalpha() and len(w) > 3][:n]
+
+
+def write_sst2(directory, rng, words):
   """label 1 iff the sentence contains the marker word; written in the official SST-2 layout."""
-  marker, other = vocab_words[:2]
-  fillers = vocab_words[2:]
+  marker, other = words[:2]
+  fillers = words[2:]
 
   def sentence(label):
     words = list(rng.choice(fillers, 6))
@@ -37,8 +43,7 @@ def write_sst2(directory, rng, vocab_words):
 
 def test_finetune_sst2_reaches_high_dev_accuracy_and_exports(tmp_path):
   rng = np.random.default_rng(0)
-  vocab = [w for w in sample_vocab_path().read_text().split("\n")[5:]
-           if w.isalpha() and len(w) > 3][:60]
+  vocab = vocab_words()
   write_sst2(tmp_path / "glue" / "SST-2", rng, vocab)
 
   # A "pretrained" native checkpoint carrying its vocab, as a distillation run writes one.
@@ -100,8 +105,7 @@ def write_squad(path, rng, words, n):
 
 def test_squad_finetuning_learns_a_span_rule(tmp_path):
   rng = np.random.default_rng(1)
-  words = [w for w in sample_vocab_path().read_text().split("\n")[5:]
-           if w.isalpha() and len(w) > 3][:60]
+  words = vocab_words()
   write_squad(tmp_path / "train.json", rng, words, 160)
   write_squad(tmp_path / "dev.json", rng, words, 32)
   c = default_config.get_config()
@@ -144,8 +148,7 @@ def _glue_config(tmp_path, stages, **stage_blocks):
 
 def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
   rng = np.random.default_rng(2)
-  vocab = [w for w in sample_vocab_path().read_text().split("\n")[5:]
-           if w.isalpha() and len(w) > 3][:60]
+  vocab = vocab_words()
   write_sst2(tmp_path / "glue" / "SST-2", rng, vocab)
   # The teacher: a classifier fine-tuned on the task.
   teacher = _glue_config(tmp_path, "finetune", finetune=("finetune", 120))
@@ -190,8 +193,7 @@ def test_tinybert_task_distillation_from_a_finetuned_teacher(tmp_path):
 
 def test_kdlsq_quantization_aware_distillation(tmp_path):
   rng = np.random.default_rng(3)
-  vocab = [w for w in sample_vocab_path().read_text().split("\n")[5:]
-           if w.isalpha() and len(w) > 3][:60]
+  vocab = vocab_words()
   write_sst2(tmp_path / "glue" / "SST-2", rng, vocab)
   fp = _glue_config(tmp_path, "finetune", finetune=("finetune", 120))
   fp.student = dict(preset="mobilebert", tiny=True, vocab_size=2972, max_position_embeddings=64)
