@@ -1,7 +1,10 @@
 """Train-step throughput and model FLOPs utilisation of the trainer's jitted steps.
 
     python -m benchmarks.train_step --cases=teacher_pretrain,pkt,pd,tinybert \
-        --batch_size=8 --seq_len=128 --steps=5 [--tiny] [--dtype=bfloat16] [--peak_tflops=989]
+        --batch_sizes=8 --seq_lens=128 --steps=5 [--tiny] [--dtype=bfloat16] [--peak_tflops=989]
+
+Several --batch_sizes / --seq_lens give the cost-of-scaling sweep: step time, tokens/s and the
+compiled step's memory per device (XLA's memory analysis: temporaries, arguments, outputs).
 
 Each case is one stage of the real trainer (`Trainer.build_stage`): IB-BERT-large teacher
 pretraining (MLM + NSP), MobileBERT PKT and PD from an IB-BERT teacher, and TinyBERT-4L general
@@ -25,8 +28,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["teacher_pretrain", "pkt", "pd", "tinybert"], "Stages to time.")
-flags.DEFINE_integer("batch_size", 8, "Global batch size.")
-flags.DEFINE_integer("seq_len", 128, "Sequence length.")
+flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes (a sweep when several).")
+flags.DEFINE_list("seq_lens", ["128"], "Sequence lengths (a sweep when several).")
 flags.DEFINE_integer("predictions", 20, "Masked positions per sequence.")
 flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
 flags.DEFINE_bool("tiny", False, "Use the tiny variants of the presets (quick smoke runs).")
@@ -45,7 +48,7 @@ CASES = {
 }
 
 
-def case_config(case: str):
+def case_config(case: str, batch: int, length: int):
   """A trainer config with one stage, `case`, at the benchmark's sizes."""
   import ml_collections
   from mobilebert_jax import default_config
@@ -57,8 +60,9 @@ def case_config(case: str):
   vocab = {"vocab_size": 4096} if FLAGS.tiny else {}
   c.teacher = ml_collections.ConfigDict(dict(preset=teacher, tiny=FLAGS.tiny, **vocab))
   c.student = ml_collections.ConfigDict(dict(preset=student, tiny=FLAGS.tiny, **vocab))
-  c.data.batch_size = FLAGS.batch_size
-  c.data.max_seq_length = FLAGS.seq_len
+  c.data.batch_size = batch
+  c.data.max_seq_length = length
+  c.teacher.max_position_embeddings = c.student.max_position_embeddings = max(length, 128)
   c.data.max_predictions_per_seq = FLAGS.predictions
   c[case] = ml_collections.ConfigDict(dict(
       strategy=strategy, model=role, num_steps=1000, alpha=0.5, temperature=1.0,
@@ -67,9 +71,9 @@ def case_config(case: str):
   return c
 
 
-def synthetic_batch(vocab: int, rng):
+def synthetic_batch(vocab: int, rng, b: int, l: int):
   import numpy as np
-  b, l, p = FLAGS.batch_size, FLAGS.seq_len, FLAGS.predictions
+  p = FLAGS.predictions
   positions = np.sort(np.stack([rng.choice(np.arange(1, l), p, replace=False) for _ in range(b)]),
                       axis=1).astype(np.int32)
   types = np.zeros((b, l), np.int32)
@@ -99,10 +103,10 @@ def non_embedding_params(params) -> int:
   return total
 
 
-def analytic_flops(config, params, trained: bool, tokens: int, masked: int) -> float:
+def analytic_flops(config, params, trained: bool, tokens: int, masked: int, length: int) -> float:
   """Forward (x3 if trained) FLOPs of one model on `tokens` tokens with `masked` MLM slots."""
   n = non_embedding_params(params)
-  attention = 2 * 2 * config.num_layers * FLAGS.seq_len * config.intra_size * tokens
+  attention = 2 * 2 * config.num_layers * length * config.intra_size * tokens
   vocab = 2 * config.hidden_size * config.vocab_size * masked
   forward = 2 * n * tokens + attention + vocab
   return forward * (3 if trained else 1)
@@ -118,14 +122,14 @@ def peak_tflops(device) -> float | None:
   return None
 
 
-def run_case(case: str, workdir: str) -> dict:
+def run_case(case: str, workdir: str, batch_size: int, length: int) -> dict:
   import jax
   import numpy as np
   from mobilebert_jax.models import build_model
   from mobilebert_jax.pretrained import init_params, save_pretrained
   from mobilebert_jax.training.trainer import Trainer, model_config, put_global, to_host
 
-  config = case_config(case)
+  config = case_config(case, batch_size, length)
   strategy, role, _, _ = CASES[case]
   if strategy != "pretrain":  # a random teacher, loaded the way a real run loads one
     teacher_cfg = model_config(config.teacher, "teacher")
@@ -140,7 +144,7 @@ def run_case(case: str, workdir: str) -> dict:
             "aux": cs.strategy.aux_init(jax.random.PRNGKey(3))}
   state = cs.init_state(put_global(to_host(params), cs.shardings.params), cs.rng)
   rng = np.random.default_rng(0)
-  host_batch = synthetic_batch(cs.model_config.vocab_size, rng)
+  host_batch = synthetic_batch(cs.model_config.vocab_size, rng, batch_size, length)
   batch = put_global(host_batch, {k: cs.batch_sharding for k in host_batch})
 
   start = time.perf_counter()
@@ -160,16 +164,21 @@ def run_case(case: str, workdir: str) -> dict:
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
 
-  tokens = FLAGS.batch_size * FLAGS.seq_len
-  masked = FLAGS.batch_size * FLAGS.predictions
-  flops = analytic_flops(cs.model_config, params["model"], True, tokens, masked)
+  tokens = batch_size * length
+  masked = batch_size * FLAGS.predictions
+  flops = analytic_flops(cs.model_config, params["model"], True, tokens, masked, length)
   if strategy != "pretrain":
-    flops += analytic_flops(teacher_cfg, trainer.latest["teacher"], False, tokens, masked)
+    flops += analytic_flops(teacher_cfg, trainer.latest["teacher"], False, tokens, masked, length)
+  memory = compiled.memory_analysis()
   devices = jax.devices()
   peak = peak_tflops(devices[0])
   achieved = flops / step_s / 1e12
   return {
-      "case": case, "strategy": strategy, "trained": role,
+      "case": case, "strategy": strategy, "trained": role, "batch_size": batch_size,
+      "seq_len": length,
+      # Per device: the step's live temporaries, its inputs (state, teacher, batch), outputs.
+      "memory_bytes": {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
+                       for k in ("temp", "argument", "output", "generated_code")},
       "trained_params": int(sum(x.size for x in jax.tree.leaves(params["model"]))),
       "step_ms": 1000 * step_s, "step_ms_all": [1000 * t for t in times],
       "tokens_per_sec": tokens / step_s, "compile_s": compile_s,
@@ -186,18 +195,22 @@ def main(argv):
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import jax
   results = []
-  for case in FLAGS.cases:
+  sweep = [(case, int(b), int(l)) for case in FLAGS.cases for b in FLAGS.batch_sizes
+           for l in FLAGS.seq_lens]
+  for case, batch_size, length in sweep:
     if case not in CASES:
       raise app.UsageError(f"unknown case {case!r}; valid: {sorted(CASES)}")
     with tempfile.TemporaryDirectory() as workdir:
-      result = run_case(case, workdir)
+      result = run_case(case, workdir, batch_size, length)
     results.append(result)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
-    print(f"{case:17s} {result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10.0f} tok/s "
+    mem = result["memory_bytes"]
+    print(f"{case:17s} b={batch_size:<4d} l={length:<4d} {result['step_ms']:9.1f} ms/step "
+          f"{result['tokens_per_sec']:10.0f} tok/s temp {mem['temp'] / 2**20:8.1f} MiB "
           f"{result['achieved_tflops']:8.3f} TFLOP/s (analytic {result['analytic_tflop_per_step']:.4f}"
           f" vs XLA {result['xla_tflop_per_step']:.4f} TFLOP/step) MFU {mfu}", flush=True)
   report = {
-      "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_size", "seq_len", "predictions",
+      "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_sizes", "seq_lens", "predictions",
                                                   "steps", "tiny", "dtype", "peak_tflops")},
       "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                   "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__},
