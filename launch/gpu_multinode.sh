@@ -24,15 +24,11 @@ die() {
   exit 2
 }
 
-# Quotes one word for display so the printed line can be pasted back into a shell.
-quote_word() {
-  local w=$1
-  if [[ -n $w && $w != *[!A-Za-z0-9_./=:@%+,-]* ]]; then
-    printf '%s' "$w"
-  else
-    printf "'%s'" "${w//\'/\'\\\'\'}"
-  fi
-}
+# quote_word: shared with the other launchers.
+launch_dir=${BASH_SOURCE[0]%/*}
+[[ $launch_dir == "${BASH_SOURCE[0]}" ]] && launch_dir=.
+# shellcheck source=launch/lib.sh disable=SC1091
+source "$launch_dir/lib.sh"
 
 is_uint() {
   [[ $1 =~ ^[0-9]+$ ]]

@@ -67,15 +67,9 @@ die() {
   exit 2
 }
 
-# Quotes one word for display so the printed line can be pasted back into a shell.
-quote_word() {
-  local w=$1
-  if [[ -n $w && $w != *[!A-Za-z0-9_./=:@%+,-]* ]]; then
-    printf '%s' "$w"
-  else
-    printf "'%s'" "${w//\'/\'\\\'\'}"
-  fi
-}
+# quote_word: shared with the other launchers.
+# shellcheck source=launch/lib.sh disable=SC1091
+source "$SCRIPT_DIR/lib.sh"
 
 # Runs a command, or prints it (one line, shell-quoted) under DRY_RUN=1.
 run_cmd() {

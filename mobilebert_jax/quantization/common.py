@@ -77,6 +77,22 @@ def apply_batch(model: nn.Module, variables: Mapping, batch: Any, **kwargs):
   return model.apply(variables, batch, **kwargs)
 
 
+def dense_values_fn(model: nn.Module, interceptor: Callable, collection: str, name: str,
+                    **apply_kwargs) -> Callable:
+  """A jitted (params, batch) -> {module path: [value per call]} that runs `model` under
+  `interceptor`, which sows `name` into `collection` at each dense call (calibration statistics,
+  initial step sizes)."""
+
+  @jax.jit
+  def run(params, batch):
+    with nn.intercept_methods(interceptor):
+      _, state = apply_batch(model, {"params": params}, batch, mutable=[collection],
+                             **apply_kwargs)
+    return sown(state.get(collection, {}), name)
+
+  return run
+
+
 def sown(collection: Mapping, name: str) -> dict:
   """Turns a sown collection ``{...: {"name": (v, ...)}}`` into ``{...: [v, ...]}`` per module."""
   out: dict = {}

@@ -208,14 +208,8 @@ def init_lsq_steps(model: nn.Module, params: Mapping, batch: Any, *, weight_bits
       context.module.sow(_INIT, "steps", value)
     return next_fun(*args, **kwargs)
 
-  @jax.jit
-  def sown_steps(params, batch):
-    with nn.intercept_methods(interceptor):
-      _, state = common.apply_batch(model, {"params": params}, batch, mutable=[_INIT],
-                                    **apply_kwargs)
-    return common.sown(state.get(_INIT, {}), "steps")
-
-  per_module = sown_steps(params, batch)
+  per_module = common.dense_values_fn(model, interceptor, _INIT, "steps", **apply_kwargs)(
+      params, batch)
   if not per_module:
     raise ValueError(f"{type(model).__name__} called no DenseGeneral layer; no steps to create")
   return common.map_modules(

@@ -171,12 +171,7 @@ def calibrate(model: nn.Module, params: Mapping, batches: Iterable[Any], *, bits
       context.module.sow(_STATS, "input_range", stat)
     return next_fun(*args, **kwargs)
 
-  @jax.jit
-  def batch_stats(params, batch):
-    with nn.intercept_methods(interceptor):
-      _, state = common.apply_batch(model, {"params": params}, batch, mutable=[_STATS],
-                                    **apply_kwargs)
-    return common.sown(state.get(_STATS, {}), "input_range")
+  batch_stats = common.dense_values_fn(model, interceptor, _STATS, "input_range", **apply_kwargs)
 
   combined, count = None, 0
   for batch in batches:
