@@ -153,6 +153,10 @@ def config_to_hf(config: ModelConfig, head: str) -> dict:
 
 def check_exportable(config: ModelConfig) -> None:
   """Raises `ConversionError` when transformers cannot express `config`."""
+  if config.layer_ops:
+    raise ConversionError(
+        f"this model is a NAS architecture (layer_ops={list(config.layer_ops)}), which no "
+        "transformers model class expresses; keep it as a native checkpoint")
   if config.model_type == "bert":
     bert_like = (config.embedding_size == config.hidden_size and not config.trigram_input and
                  not config.use_bottleneck and config.num_ffn == 1 and

@@ -9,12 +9,16 @@ activation. Presets with the reference sizes live in `presets.py`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 NORMALIZATIONS = ("layer_norm", "no_norm")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "swish", "tanh")
 ATTENTION_INPUTS = ("layer_input", "shared_bottleneck", "bottleneck")
 MODEL_TYPES = ("mobilebert", "bert")
+# NAS-BERT layer ops (`ModelConfig.layer_ops`): "mha<heads>", "ffn<inner size>",
+# "conv<kernel>" (separable convolution, odd kernel) and "identity".
+OP_KINDS = ("mha", "ffn", "conv", "identity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,10 @@ class ModelConfig:
     pad_token_id: id of [PAD].
     initializer_range: standard deviation of the truncated-normal initialisers.
     remat: rematerialise each layer in the backward pass (saves memory on deep teachers).
+    layer_ops: a NAS-BERT architecture: one op per layer ("mha<heads>", "ffn<inner>",
+      "conv<kernel>", "identity"), each a residual block with a post-LayerNorm at
+      ``hidden_size``, in place of the transformer layers; empty for the usual layers. Needs
+      ``use_bottleneck=False`` and ``num_layers == len(layer_ops)``.
   """
 
   vocab_size: int = 30522
@@ -80,8 +88,10 @@ class ModelConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   remat: bool = False
+  layer_ops: tuple[str, ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "layer_ops", tuple(self.layer_ops))
     if self.intra_size is None:
       object.__setattr__(self, "intra_size", self.hidden_size)
     _check_choice("normalization", self.normalization, NORMALIZATIONS)
@@ -106,6 +116,17 @@ class ModelConfig:
       if self.attention_input != "layer_input":
         raise ValueError(
             f"ModelConfig.attention_input={self.attention_input!r} needs use_bottleneck=True")
+    if self.layer_ops:
+      if self.use_bottleneck:
+        raise ValueError("ModelConfig.layer_ops (a NAS architecture) needs use_bottleneck=False")
+      if len(self.layer_ops) != self.num_layers:
+        raise ValueError(f"ModelConfig.layer_ops has {len(self.layer_ops)} ops but num_layers="
+                         f"{self.num_layers}")
+      for op in self.layer_ops:
+        kind, size = parse_op(op)
+        if kind == "mha" and self.hidden_size % size:
+          raise ValueError(f"ModelConfig.layer_ops: {op!r} needs hidden_size={self.hidden_size} "
+                           f"divisible by its {size} heads")
     if self.embedding_size > self.hidden_size:
       raise ValueError(
           f"ModelConfig.embedding_size={self.embedding_size} exceeds hidden_size="
@@ -135,6 +156,20 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+
+def parse_op(op: str) -> tuple[str, int]:
+  """Splits a NAS layer op into (kind, size): "mha4" -> ("mha", 4), "identity" -> ("identity", 0)."""
+  match = re.fullmatch(r"(mha|ffn|conv)([1-9][0-9]*)|identity", str(op))
+  if match is None:
+    raise ValueError(f"unknown layer op {op!r}; valid: 'mha<heads>', 'ffn<inner size>', "
+                     "'conv<odd kernel>', 'identity'")
+  if op == "identity":
+    return "identity", 0
+  kind, size = match.group(1), int(match.group(2))
+  if kind == "conv" and size % 2 == 0:
+    raise ValueError(f"layer op {op!r}: the convolution kernel must be odd")
+  return kind, size
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

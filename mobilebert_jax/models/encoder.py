@@ -8,15 +8,14 @@ module: `Backbone(config).apply({"params": params}, input_ids, ...)`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mobilebert_jax.models import layers
 from mobilebert_jax.models.config import ModelConfig
+from mobilebert_jax.models.nas_layers import NasLayer
 from mobilebert_jax.models.outputs import EncoderOutput
 
 Dtype = Any
@@ -75,12 +74,9 @@ class Attention(nn.Module):
     q = layers.dense(heads, (self.query_axis,), ("heads", "kv"), name="query", **kw)(q_in)
     k = layers.dense(heads, (self.query_axis,), ("heads", "kv"), name="key", **kw)(k_in)
     v = layers.dense(heads, (self.value_axis,), ("heads", "kv"), name="value", **kw)(v_in)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(1.0 / math.sqrt(cfg.head_dim),
-                                                               self.dtype)
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-    dropped = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-    context = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
+    context, probs, scores = layers.dot_product_attention(
+        q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+        dtype=self.dtype)
     out = layers.dense(cfg.intra_size, ("heads", "kv"), ("intra",), axis=(-2, -1), name="output",
                        **kw)(context)
     if not cfg.use_bottleneck:
@@ -171,10 +167,14 @@ class Backbone(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(cfg, **kw)
-    layer_cls = TransformerLayer
-    if cfg.remat:
-      layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
-    self.layer = [layer_cls(cfg, **kw) for _ in range(cfg.num_layers)]
+    if cfg.layer_ops:  # a NAS-BERT architecture: one op per layer
+      layer_cls = nn.remat(NasLayer, static_argnums=(3,)) if cfg.remat else NasLayer
+      self.layer = [layer_cls(cfg, op, **kw) for op in cfg.layer_ops]
+    else:
+      layer_cls = TransformerLayer
+      if cfg.remat:
+        layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
+      self.layer = [layer_cls(cfg, **kw) for _ in range(cfg.num_layers)]
     if self.add_pooling_layer and cfg.classifier_activation:
       self.pooler = layers.dense(cfg.hidden_size, ("embed",), ("hidden_out",), name=None,
                                  stddev=cfg.initializer_range, **kw)

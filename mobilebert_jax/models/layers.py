@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,3 +102,18 @@ def norm(kind: str, axis_name: str, *, name: str, dtype: Dtype, param_dtype: Dty
                         use_fast_variance=False, scale_init=ones_init((axis_name,)),
                         bias_init=zeros_init((axis_name,)), name=name)
   raise ValueError(f"unknown normalization {kind!r}; valid: ['layer_norm', 'no_norm']")
+
+
+def dot_product_attention(q, k, v, mask, *, dropout_rate: float, deterministic: bool,
+                          dtype: Dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Scaled dot-product attention over [B, L, heads, head_dim] inputs and a [B, L] key mask.
+
+  Softmax in float32. Returns (context [B, L, heads, head_dim], probabilities [B, H, L, L],
+  masked scores [B, H, L, L]). Call inside a compact module (attention dropout is a submodule).
+  """
+  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), dtype)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+  dropped = nn.Dropout(dropout_rate)(probs, deterministic=deterministic)
+  return jnp.einsum("bhqk,bkhd->bqhd", dropped, v), probs, scores
