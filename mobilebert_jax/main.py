@@ -60,7 +60,11 @@ def main(argv):
   outputs = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     for role, path in outputs.items():
-      print(f"{role} model: {path}  (mobilebert_jax.load_pretrained({path!r}))")
+      if role == "architectures":
+        print(f"searched architectures: {path}  (each entry's checkpoint loads with "
+              "mobilebert_jax.load_pretrained)")
+      else:
+        print(f"{role} model: {path}  (mobilebert_jax.load_pretrained({path!r}))")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def data_sharding(axis_name: str = "data"):
     return NamedSharding(mesh, PartitionSpec(axis_name))
 
 
-def _to_global_arrays(batch: Mapping[str, Any], sharding: Any) -> dict[str, Any]:
+def to_global_arrays(batch: Mapping[str, Any], sharding: Any) -> dict[str, Any]:
+    """Assembles global jax.Arrays from this process's rows of a batch (one sharding or a dict)."""
     import jax
     out = {}
     for key, value in batch.items():
@@ -42,7 +43,7 @@ def _worker(it, source, has_state: bool, sharding, q: queue.Queue, stop: threadi
             if stop.is_set():
                 return
             state = source.state() if has_state else None
-            if not _put(q, stop, (_ITEM, _to_global_arrays(batch, sharding), state)):
+            if not _put(q, stop, (_ITEM, to_global_arrays(batch, sharding), state)):
                 return
         _put(q, stop, (_END, None, None))
     except BaseException as e:  # handed to the consumer, re-raised there

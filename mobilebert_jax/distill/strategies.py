@@ -17,6 +17,8 @@ A strategy is a config entry (`stage.strategy`) plus one function here, not a ne
              TinyBERT task distillation from a fine-tuned classifier teacher: first the
              intermediate layers (as `tinybert`), then the prediction layer (soft cross-entropy
              against the teacher's logits at a temperature).
+  nas        NAS-BERT block-wise supernet training, pruning, search and extraction of several
+             architectures (run by `mobilebert_jax.search.nas`, not a loss here).
   kdlsq      KDLSQ-BERT: the fine-tuned model with LSQ fake-quantized weights and dense inputs
              (learned step sizes, `weight_bits` / `act_bits`) distilled from its full-precision
              self: prediction soft cross-entropy + hidden-state MSE over every layer.
@@ -34,7 +36,7 @@ from mobilebert_jax import objectives
 from mobilebert_jax.models import ForMaskedLM, ForPreTraining, ModelConfig
 
 STRATEGIES = ("pretrain", "akt", "jkt", "pkt", "pd", "tinybert", "finetune", "squad",
-              "task_intermediate", "task_prediction", "kdlsq")
+              "task_intermediate", "task_prediction", "kdlsq", "nas")
 DISTILLATION_STRATEGIES = ("akt", "jkt", "pkt", "pd", "tinybert", "task_intermediate",
                            "task_prediction", "kdlsq")
 # The model head each strategy trains (the rest train the MLM + NSP model), and the head of the

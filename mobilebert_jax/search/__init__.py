@@ -1,0 +1,1 @@
+"""Architecture search: NAS-BERT block-wise supernet, layer-mapping GA (see the submodules)."""
