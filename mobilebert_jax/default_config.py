@@ -6,6 +6,9 @@ progressive knowledge transfer (one phase per layer) followed by pretraining dis
 A few minutes on a 2-core CPU.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -20,6 +23,16 @@ def transfer_factors(**extra) -> dict:
   """MobileBERT's reference layer-wise transfer weights (DESIGN.md section 3)."""
   return dict(hidden_factor=100.0, beta_factor=5000.0, gamma_factor=5.0, attention_factor=1.0,
               **extra)
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name`.py in the directory of `config_file` (a config
+  built on another: pass `__file__`)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -20,6 +20,9 @@ EXPECTED = {
     "squad.py": ("squad", "ib_bert_large", "mobilebert"),
     "tinybert_task_distill.py": ("intermediate,prediction", "bert_base", "tinybert_4l"),
     "kdlsq.py": ("quantize", "mobilebert", "mobilebert"),
+    "nas_bert.py": ("teacher_pretrain,nas", "ib_bert_large", "bert_base"),
+    "etd_distill.py": ("general", "bert_base", "bert_base"),
+    "layer_mapping_search.py": ("general", "bert_base", "tinybert_4l"),
 }
 
 
@@ -41,6 +44,20 @@ def test_config_loads_and_validates(name):
   model_config(config.student, "config.student")
   for stage in stages.split(","):
     strategies.check_strategy(config[stage].strategy, stage)
+
+
+def test_full_size_nas_config_validates():
+  from mobilebert_jax.search import nas
+  values = flags.FlagValues()
+  path = os.path.join(CONFIG_DIR, "nas_bert.py")
+  config_flags.DEFINE_config_file("config", path, flag_values=values)
+  values(["prog", f"--config={path}:full"])
+  config = values.config
+  assert stage_names(config) == ["nas"]
+  space = nas.check_stage("nas", config.nas, model_config(config.student, "config.student"),
+                          model_config(config.teacher, "config.teacher"))
+  assert (space.num_layers, space.num_blocks, space.hidden_sizes) == (24, 4, (128, 192, 256, 384,
+                                                                              512))
 
 
 def test_reference_distillation_hyper_parameters():

@@ -181,6 +181,51 @@ def copy_matching(dst: dict, src: Mapping, path: str = "") -> list[str]:
   return copied
 
 
+def state_layout(abstract_boxed_params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                 mesh, rules) -> tuple[Any, Any, Any]:
+  """How a TrainState of these (boxed, abstract) parameters lies on the mesh.
+
+  Returns (init_state, shardings, abstract_state): `init_state(params, rng)` jitted onto the
+  shardings (a fresh optimizer state at step 0), the NamedShardings of every state leaf, and
+  ShapeDtypeStructs carrying them (what a checkpoint restores onto).
+  """
+  def init_state(params, key):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=key)
+
+  abstract_boxed_state = jax.eval_shape(init_state, abstract_boxed_params, rng)
+  shardings = state_shardings(abstract_boxed_state, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+      nn.meta.unbox(abstract_boxed_state), shardings)
+  return jax.jit(init_state, out_shardings=shardings), shardings, abstract_state
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, accum: int = 1):
+  """The one training step: `train_step(state, context, batch) -> (state, metrics)`.
+
+  `loss_fn(params, context, batch, rng, step) -> (loss, metrics)`; `context` is whatever the
+  loss reads besides the trained parameters (the frozen teacher, a search's candidate paths).
+  Metrics gain loss, grad_norm, param_norm and learning_rate. Jit it with the state donated.
+  """
+  def train_step(state: TrainState, context, batch):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+      return loss_fn(params, context, batch, step_rng, state.step)
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # param_norm catches an update that made the weights non-finite before it is saved.
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params),
+                   learning_rate=schedule(state.step // accum))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -263,9 +308,27 @@ class Trainer:
       self._load_downstream_init(downstream[0])
       if cfg.get("teacher_checkpoint", "") and any(s in GLUE_STRATEGIES for s in downstream):
         self._check_task_labels(self.model_configs["teacher"], "config.teacher_checkpoint")
+    student_ckpt = cfg.get("student_checkpoint", "")
+    if student_ckpt:  # the student's architecture is the checkpoint's (e.g. a NAS result)
+      self.model_configs["student"], _, _ = pretrained.read_checkpoint(student_ckpt)
     teacher_trained = bool(teacher_ckpt)
+    student_started = (self.latest["student"] is not None
+                       or bool(cfg.get("student_checkpoint", "")))
+    from mobilebert_jax.distill import etd
     for name in self.names:
       stage = cfg[name]
+      etd.check_stage_options(  # init_from_teacher: ETD extraction of the student
+          stage, f"config.{name}", self.model_configs["teacher"], self.model_configs["student"],
+          role=stage_role(stage), has_teacher=teacher_trained, has_student=student_started,
+          pretraining_data=stage.strategy not in DOWNSTREAM_STRATEGIES)
+      student_started = student_started or stage_role(stage) == "student"
+      if stage.strategy == "nas":
+        if not teacher_trained:
+          raise ValueError(f"stage {name!r} (nas) needs a teacher: run a 'pretrain' stage for "
+                           "the teacher first or set config.teacher_checkpoint")
+        from mobilebert_jax.search import nas
+        nas.check_stage(name, stage, self.model_configs["student"],
+                        self.model_configs["teacher"])
       if stage.strategy in strategies.DISTILLATION_STRATEGIES:
         if not teacher_trained:
           raise ValueError(f"stage {name!r} ({stage.strategy}) needs a teacher: run a "
@@ -380,7 +443,11 @@ class Trainer:
         if not self.run_stage(name, index):
           log.warning("stopped during stage %r; rerun the same command to resume", name)
           return outputs
-        outputs[role] = self.export_role(role, name)
+        if self.config[name].strategy == "nas":
+          from mobilebert_jax.search.nas import ARCHITECTURES_FILE
+          outputs["architectures"] = os.path.join(self.workdir, ARCHITECTURES_FILE)
+        else:
+          outputs[role] = self.export_role(role, name)
     return outputs
 
   def export_role(self, role: str, stage: str) -> str:
@@ -448,45 +515,27 @@ class Trainer:
     tx, schedule = optim.create_optimizer(opt_cfg, multiplier_fn)
     accum = int(opt_cfg.get("grad_accum_steps", 1))
 
-    def init_state(params, key):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        rng=key)
-
-    abstract_boxed_state = jax.eval_shape(init_state, abstract_boxed_params, rng)
-    shardings = state_shardings(abstract_boxed_state, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-        nn.meta.unbox(abstract_boxed_state), shardings)
+    init_state, shardings, abstract_state = state_layout(abstract_boxed_params, tx, rng, mesh,
+                                                         rules)
     batch_sh = sharding.batch_sharding(mesh)
 
-    def train_step(state: TrainState, teacher_params, batch):
-      step_rng = jax.random.fold_in(state.rng, state.step)
-
-      def objective(params):
-        return strategy.loss_fn(params, teacher_params, batch, step_rng, state.step)
-
-      (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      # param_norm catches an update that made the weights non-finite before it is saved.
-      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                     param_norm=optax.tree.norm(params),
-                     learning_rate=schedule(state.step // accum))
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
+    train_step = make_train_step(strategy.loss_fn, tx, schedule, accum)
     teacher_sh = (jax.tree.map(lambda x: x.sharding, teacher_params)
                   if teacher_params is not None else None)
     return CompiledStage(
         name=name, stage=stage, role=role, head=head, model=model, model_config=model_cfg,
         strategy=strategy, rng=rng, shardings=shardings, abstract_state=abstract_state,
         batch_sharding=batch_sh, teacher_params=teacher_params,
-        init_state=jax.jit(init_state, out_shardings=shardings),
+        init_state=init_state,
         step_fn=jax.jit(train_step, in_shardings=(shardings, teacher_sh, batch_sh),
                         out_shardings=(shardings, None), donate_argnums=(0,)))
 
   def run_stage(self, name: str, index: int) -> bool:
     """Trains one stage to its end (True) or until a stop signal (False)."""
     stage = self.config[name]
+    if stage.strategy == "nas":
+      from mobilebert_jax.search.nas import run_nas_stage
+      return run_nas_stage(self, name, index)
     role = stage_role(stage)
     final_dir = os.path.join(self.workdir, name, "final")
     if pretrained.is_native_dir(final_dir):
@@ -513,7 +562,7 @@ class Trainer:
       log.info("stage %r: resumed from step %d", name, int(state.step))
     else:
       params = self.initial_params(name, stage, role, cs.model, cs.model_config, cs.strategy,
-                                   cs.rng)
+                                   cs.rng, dataset=dataset)
       if cs.strategy.aux_from is not None:  # e.g. LSQ steps from the real weights and data
         sample = {k: v[:dataset.local_batch_size] for k, v in dataset.arrays.items()}
         params["aux"] = jax.tree.map(np.asarray, cs.strategy.aux_from(params["model"], sample))
@@ -551,10 +600,30 @@ class Trainer:
     return finished
 
   def loop(self, cs: "CompiledStage", state, dataset, checkpointer) -> bool:
-    """Feeds batches to the step, logs, checkpoints, and saves the stage's final model."""
+    """Trains the stage (`train_steps`) and saves its final model; False if it was stopped."""
     name, stage, role = cs.name, cs.stage, cs.role
-    step_fn, teacher_params, batch_sh = cs.step_fn, cs.teacher_params, cs.batch_sharding
-    num_steps = int(stage.num_steps)
+    state = self.train_steps(name, int(stage.num_steps), cs.step_fn, state, dataset,
+                             checkpointer, cs.batch_sharding, context=lambda: cs.teacher_params)
+    if state is None:
+      return False
+    self.latest[role] = to_host(state.params["model"])
+    self.latest_aux[role] = to_host(state.params["aux"])
+    self.heads[role] = cs.head
+    pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
+                               self.model_configs[role], self.latest[role], cs.head,
+                               tokenizer_dir=self.tokenizer_dir(),
+                               extra={"stage": name, "strategy": stage.strategy})
+    return True
+
+  def train_steps(self, name: str, num_steps: int, step_fn, state, dataset, checkpointer,
+                  batch_sh, *, context, after_step=None, extra=None):
+    """Feeds batches to `step_fn(state, context(), batch)` up to `num_steps`, logging and
+    checkpointing (with the data position) on the way; returns the final state, or None when a
+    stop signal ended the run (after saving a checkpoint to resume from).
+
+    `after_step(done, state)` runs after every step, before any checkpoint of that step (a
+    search prunes its candidates there); `extra()` adds JSON values to every checkpoint.
+    """
     log_every = int(self.config.get("log_every_steps", 50))
     tokens_per_step = dataset.global_batch_size * int(self.config.data.max_seq_length)
     pending: list[tuple[int, Any]] = []
@@ -577,14 +646,17 @@ class Trainer:
       return last
 
     def save(step, force=False):
-      checkpointer.save(step, state, {"data": prefetcher.state(), "stage": name}, force=force)
+      values = dict(extra() if extra is not None else {}, data=prefetcher.state(), stage=name)
+      checkpointer.save(step, state, values, force=force)
 
     try:
       for step in range(start, num_steps):
         batch = next(prefetcher)
-        state, metrics = step_fn(state, teacher_params, batch)
+        state, metrics = step_fn(state, context(), batch)
         pending.append((step + 1, metrics))
         done = step + 1
+        if after_step is not None:
+          after_step(done, state)
         stopping = self.stop.agreed()
         if done % log_every == 0 or done == num_steps or stopping:
           last = check_pending()
@@ -597,25 +669,21 @@ class Trainer:
           save(done, force=stopping)
         if stopping and done < num_steps:
           checkpointer.wait_until_finished()
-          return False
+          return None
       check_pending()
       save(num_steps, force=True)
       checkpointer.wait_until_finished()
     finally:
       prefetcher.close()
       self.writer.flush()
-    self.latest[role] = to_host(state.params["model"])
-    self.latest_aux[role] = to_host(state.params["aux"])
-    self.heads[role] = cs.head
-    pretrained.save_pretrained(os.path.join(self.workdir, name, "final"),
-                               self.model_configs[role], self.latest[role], cs.head,
-                               tokenizer_dir=self.tokenizer_dir(),
-                               extra={"stage": name, "strategy": stage.strategy})
-    return True
+    return state
 
-  def initial_params(self, name, stage, role, model, model_cfg, strategy, rng) -> dict:
-    """Parameters a stage starts from: the role's latest model, a checkpoint, or a fresh init
-    (for students, with embeddings and heads copied from the teacher where shapes match)."""
+  def initial_params(self, name, stage, role, model, model_cfg, strategy, rng,
+                     dataset=None) -> dict:
+    """Parameters a stage starts from: the role's latest model, a checkpoint, a sub-network of
+    the teacher (`init_from_teacher`: ETD, first-order importance on the first
+    `etd_num_batches` global batches of `dataset`), or a fresh init (for students, with
+    embeddings and heads copied from the teacher where shapes match)."""
     model_key, aux_key = jax.random.split(rng)
     params = {"model": None, "aux": jax.tree.map(np.asarray, strategy.aux_init(aux_key))}
     if self.latest[role] is not None:
@@ -630,6 +698,21 @@ class Trainer:
     if ckpt:
       _, params["model"] = pretrained.load_pretrained(ckpt, "pretraining")
       params["model"] = to_host(params["model"])
+      return params
+    method = stage.get("init_from_teacher", "")
+    if role == "student" and method:
+      from mobilebert_jax.distill import etd
+      importance = stage.get("etd_importance", "first_order")
+      batches = None
+      if method == "etd_impt" and importance == "first_order":
+        count = min(int(stage.get("etd_num_batches", etd.DEFAULT_NUM_BATCHES)),
+                    dataset.batches_per_epoch)
+        batches = (dataset.get_global_batch(0, i) for i in range(count))  # same on every process
+      params["model"] = etd.init_student_from_teacher(
+          method, self.model_configs["teacher"], self.latest["teacher"], model_cfg,
+          student_head=strategies.head_for(stage.strategy), batches=batches,
+          importance=importance, layer_mapping=stage.get("etd_layer_mapping", "uniform"),
+          seed=int(self.config.get("seed", 0)), where=f"stage {name!r}")
       return params
     fresh = jax.tree.map(np.asarray, pretrained.init_params(model, model_cfg, model_key))
     if role == "student" and stage.get("copy_from_teacher", True) and \
