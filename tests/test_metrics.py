@@ -117,3 +117,36 @@ def test_read_metrics_reports_bad_line(tmp_path):
   path.write_text('{"step": 1}\n\nnot json\n')
   with pytest.raises(ValueError, match=r"metrics.jsonl:3: invalid JSON"):
     read_metrics(str(path))
+
+
+def test_remote_workdir_is_mirrored_locally_and_uploaded(tmp_path):
+  """An object-store workdir (no appends) gets every sink through a local mirror: uploaded on
+  flush/close and periodically, resumed runs append to the remote metrics.jsonl."""
+  remote, mirror = tmp_path / "bucket" / "run", tmp_path / "mirror"
+  writer = MetricsWriter(str(remote), mirror_dir=str(mirror), sync_every_s=3600)
+  writer.write_config({"batch_size": 8})
+  assert json.loads((remote / "config.json").read_text()) == {"batch_size": 8}
+  writer.write(1, {"loss": 2.0}, stage="pd")
+  assert not (remote / "metrics.jsonl").exists()  # not yet synced (sync_every_s)
+  writer.flush()
+  assert read_metrics(str(remote)) == [{"step": 1, "stage": "pd", "loss": 2.0}]
+  writer.write(2, {"loss": 1.5}, stage="pd")
+  writer.close()
+  assert [r["step"] for r in read_metrics(str(remote))] == [1, 2]
+  events = list((remote / "tensorboard" / "pd").iterdir())
+  assert events and all(e.stat().st_size > 0 for e in events)
+
+  # A resumed run on another machine (fresh mirror) appends to the remote file.
+  again = MetricsWriter(str(remote), mirror_dir=str(tmp_path / "mirror2"), tensorboard=False,
+                        sync_every_s=0.0)
+  again.write(3, {"loss": 1.0}, stage="pd")  # sync_every_s=0: uploaded at once
+  assert [r["step"] for r in read_metrics(str(remote))] == [1, 2, 3]
+  again.close()
+
+
+def test_url_workdirs_get_a_mirror_under_the_cache():
+  from mobilebert_jax.training.metrics import default_mirror_dir
+  writer = MetricsWriter("gs://bucket/runs/demo", enabled=False)
+  assert writer.remote and writer.local_dir == default_mirror_dir("gs://bucket/runs/demo")
+  assert writer.local_dir.endswith("/.cache/mobilebert_jax/workdirs/gs/bucket/runs/demo")
+  assert not MetricsWriter("/tmp/local", enabled=False).remote

@@ -9,6 +9,7 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 
 from mobilebert_jax.downstream import glue_data, squad
 from mobilebert_jax.downstream.metrics import glue_metrics
@@ -42,14 +43,10 @@ def write_results(cs, results: dict, workdir: str, writer) -> None:
   """eval_results.json (merged with what is there) and a metrics line, on process 0."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "eval_results.json")
-  merged = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      merged = json.load(f)
+  path = epath.Path(workdir, "eval_results.json")
+  merged = json.loads(path.read_text()) if path.exists() else {}
   merged.update(results)
-  with open(path, "w") as f:
-    json.dump(merged, f, indent=2, sort_keys=True)
+  path.write_text(json.dumps(merged, indent=2, sort_keys=True))
   writer.write(int(cs.stage.num_steps), results, stage=cs.name)
   log.info("%s: %s", cs.name, results)
 
@@ -70,8 +67,8 @@ def evaluate_glue(cs, params, dataset, workdir: str, writer) -> dict[str, float]
     arrays = dataset.encode(split)
     logits = predict(cs, params, arrays, dataset.global_batch_size, ("logits",))["logits"]
     if primary:
-      out_dir = os.path.join(workdir, "predictions")
-      os.makedirs(out_dir, exist_ok=True)
+      out_dir = epath.Path(workdir, "predictions")
+      out_dir.mkdir(parents=True, exist_ok=True)
       glue_data.write_predictions(task, split, logits, out_dir)
   write_results(cs, results, workdir, writer)
   return results
@@ -93,8 +90,8 @@ def evaluate_squad(cs, params, dataset, workdir: str, writer, *, version_2: bool
                                 na_probs=null_odds if version_2 else None)
   results = {f"squad_{k}": float(v) for k, v in scores.items()}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "predictions.json"), "w") as f:
-      json.dump(answers, f, indent=2, sort_keys=True)
+    epath.Path(workdir, "predictions.json").write_text(
+        json.dumps(answers, indent=2, sort_keys=True))
   write_results(cs, results, workdir, writer)
   return results
 

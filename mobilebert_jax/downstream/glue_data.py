@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from mobilebert_jax.downstream.tasks import STSB_RANGE, GlueTask, SplitLayout, get_task
 
@@ -282,7 +283,7 @@ def encode_examples(examples: Sequence[GlueExample], tokenizer, max_seq_length: 
 # Submission files.
 
 def write_predictions(task: str | GlueTask, split: str, predictions, path: str | os.PathLike,
-                      indices: Sequence[int] | None = None) -> Path:
+                      indices: Sequence[int] | None = None) -> epath.Path:
   """Writes a GLUE submission file: header `index\\tprediction`, then one row per example.
 
   `predictions`: label ids [N], logits [N, num_labels] (argmax is taken) or STS-B scores [N]
@@ -317,13 +318,12 @@ def write_predictions(task: str | GlueTask, split: str, predictions, path: str |
     indices = range(len(rows))
   elif len(indices) != len(rows):
     raise ValueError(f"got {len(indices)} indices for {len(rows)} predictions")
-  out = Path(os.path.expanduser(os.fspath(path)))
+  path = os.fspath(path)
+  out = epath.Path(path if "://" in path else os.path.expanduser(path))  # local or gs://
   if out.is_dir():
     name = task.submission_files.get(split, f"{task.glue_name}-{split}.tsv")
     out = out / name
   out.parent.mkdir(parents=True, exist_ok=True)
-  with open(out, "w", encoding="utf-8", newline="\n") as f:
-    f.write("index\tprediction\n")
-    for index, row in zip(indices, rows):
-      f.write(f"{int(index)}\t{row}\n")
+  out.write_text("index\tprediction\n" + "".join(f"{int(index)}\t{row}\n"
+                                                   for index, row in zip(indices, rows)))
   return out

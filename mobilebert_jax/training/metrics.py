@@ -5,6 +5,12 @@
 scalars to TensorBoard under `<workdir>/tensorboard/<stage>/` and logs e.g.
   [distill] step 120/500 | loss 3.21 | mlm 2.9 | lr 1.2e-03 | 12.3 steps/s | 4.1k tok/s
 on the "mobilebert_jax" logger. Only process 0 should write: pass `enabled=False` elsewhere.
+
+Remote workdirs (`gs://...`, any URL `etils.epath` opens): object stores cannot append, so the
+sinks write to a local mirror (`~/.cache/mobilebert_jax/workdirs/<scheme>/<path>`, seeded with the
+remote metrics.jsonl so a resumed run appends to it) and upload the changed files - metrics.jsonl
+and the TensorBoard event files - at most every `sync_every_s` seconds, on `flush` and on `close`.
+config.json is written to the workdir directly.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger("mobilebert_jax")
 
@@ -76,11 +83,20 @@ def format_line(step: int, scalars: Mapping[str, float], stage: str,
 class MetricsWriter:
   """Writes scalars to metrics.jsonl, TensorBoard and the console; a no-op when not `enabled`."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               mirror_dir: str | None = None, sync_every_s: float = 60.0):
+    """`mirror_dir` forces the local-mirror mode (the default for URL workdirs) with that
+    directory as the mirror."""
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self.tensorboard = tensorboard
-    self.path = os.path.join(self.workdir, METRICS_FILE)
+    self.remote = mirror_dir is not None or "://" in self.workdir
+    self.local_dir = (os.fspath(mirror_dir) if mirror_dir is not None else
+                      default_mirror_dir(self.workdir) if self.remote else self.workdir)
+    self.path = os.path.join(self.local_dir, METRICS_FILE)
+    self.sync_every_s = float(sync_every_s)
+    self._synced: dict[str, tuple[float, int]] = {}  # local file -> (mtime, size) uploaded
+    self._last_sync = time.monotonic()
     self._file = None
     self._summary_writers: dict[str, Any] = {}
 
@@ -98,7 +114,9 @@ class MetricsWriter:
 
     record = {"step": step, "stage": stage, **{k: _json_value(v) for k, v in values.items()}}
     if self._file is None:
-      os.makedirs(self.workdir, exist_ok=True)
+      os.makedirs(self.local_dir, exist_ok=True)
+      if self.remote:
+        self._seed_mirror()
       self._file = open(self.path, "a", encoding="utf-8")
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
@@ -110,6 +128,8 @@ class MetricsWriter:
 
     total = int(_scalar(TOTAL_STEPS_KEY, total_steps)) if total_steps is not None else None
     log.info("%s", format_line(step, values, stage, total))
+    if self.remote and time.monotonic() - self._last_sync >= self.sync_every_s:
+      self.flush()
 
   def write_config(self, config: Any) -> None:
     """Writes `config` (ConfigDict, dict or dataclass) to workdir/config.json."""
@@ -124,17 +144,19 @@ class MetricsWriter:
         raise TypeError(f"write_config to {self.workdir}: expected a ConfigDict, dict or "
                         f"dataclass, got {type(config).__name__}")
       text = json.dumps(dict(config), indent=2, sort_keys=True, default=repr)
-    os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+    epath.Path(self.workdir, CONFIG_FILE).write_text(text + "\n")
 
   def flush(self) -> None:
+    """Flushes every sink; for a remote workdir, uploads what changed since the last upload."""
     if not self.enabled:
       return
     if self._file is not None:
       self._file.flush()
     for writer in self._summary_writers.values():
       writer.flush()
+    if self.remote:
+      self._upload()
 
   def close(self) -> None:
     if not self.enabled:
@@ -145,6 +167,35 @@ class MetricsWriter:
     for writer in self._summary_writers.values():
       writer.close()
     self._summary_writers.clear()
+    if self.remote:
+      self._upload()
+
+  def _seed_mirror(self) -> None:
+    """Starts the local metrics.jsonl from the remote one (a resumed run appends to it)."""
+    remote = epath.Path(self.workdir, METRICS_FILE)
+    if remote.exists() and not os.path.exists(self.path):
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.write(remote.read_text())
+    if os.path.exists(self.path):
+      stat = os.stat(self.path)
+      self._synced[self.path] = (stat.st_mtime, stat.st_size)
+
+  def _upload(self) -> None:
+    """Copies every new or changed file of the mirror to the same place in the workdir."""
+    self._last_sync = time.monotonic()
+    if not os.path.isdir(self.local_dir):
+      return
+    for root, _, files in os.walk(self.local_dir):
+      for name in files:
+        local = os.path.join(root, name)
+        stat = os.stat(local)
+        if self._synced.get(local) == (stat.st_mtime, stat.st_size):
+          continue
+        target = epath.Path(self.workdir, os.path.relpath(local, self.local_dir))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "rb") as f:
+          target.write_bytes(f.read())
+        self._synced[local] = (stat.st_mtime, stat.st_size)
 
   def __enter__(self) -> "MetricsWriter":
     return self
@@ -156,8 +207,15 @@ class MetricsWriter:
     if stage not in self._summary_writers:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._summary_writers[stage] = SummaryWriter(
-          logdir=os.path.join(self.workdir, "tensorboard", stage))
+          logdir=os.path.join(self.local_dir, "tensorboard", stage))
     return self._summary_writers[stage]
+
+
+def default_mirror_dir(workdir: str) -> str:
+  """The local mirror of a URL workdir: ~/.cache/mobilebert_jax/workdirs/<scheme>/<path>."""
+  scheme, _, rest = workdir.partition("://")
+  return os.path.join(os.path.expanduser("~"), ".cache", "mobilebert_jax", "workdirs", scheme,
+                      rest.strip("/"))
 
 
 class Throughput:
@@ -185,12 +243,12 @@ class Throughput:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """Reads a metrics.jsonl (or the one inside a workdir) back into a list of dicts."""
+  """Reads a metrics.jsonl (or the one inside a workdir, local or remote) into a list of dicts."""
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     path = os.path.join(path, METRICS_FILE)
   records = []
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -434,7 +434,6 @@ class Trainer:
   def run(self) -> dict[str, str]:
     """Runs every stage; returns {role: directory of its final model}."""
     if self.primary:
-      os.makedirs(self.workdir, exist_ok=True)
       self.writer.write_config(self.config)
     outputs = {}
     with self.stop.installed(), contextlib.closing(self.writer):
