@@ -5,6 +5,8 @@
 
 Several --batch_sizes / --seq_lens give the cost-of-scaling sweep: step time, tokens/s and the
 compiled step's memory per device (XLA's memory analysis: temporaries, arguments, outputs).
+--remat=none,nothing_saveable,dots_saveable compares rematerialisation policies of the trained
+model's layers (memory against recompute time).
 
 Each case is one stage of the real trainer (`Trainer.build_stage`): IB-BERT-large teacher
 pretraining (MLM + NSP), MobileBERT PKT and PD from an IB-BERT teacher, and TinyBERT-4L general
@@ -36,6 +38,8 @@ flags.DEFINE_bool("tiny", False, "Use the tiny variants of the presets (quick sm
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU (0: known GPUs only).")
 flags.DEFINE_string("output", "train_step_benchmark.json", "JSON report path ('' to skip).")
+flags.DEFINE_list("remat", ["none"], "Rematerialisation of the trained model's layers: 'none' or "
+                  "a ModelConfig.remat_policy (a sweep when several).")
 
 # Dense bf16 peak per device, TFLOP/s.
 KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -48,8 +52,9 @@ CASES = {
 }
 
 
-def case_config(case: str, batch: int, length: int):
-  """A trainer config with one stage, `case`, at the benchmark's sizes."""
+def case_config(case: str, batch: int, length: int, remat: str = "none"):
+  """A trainer config with one stage, `case`, at the benchmark's sizes (and `remat` on the
+  trained model's layers)."""
   import ml_collections
   from mobilebert_jax import default_config
   strategy, role, teacher, student = CASES[case]
@@ -60,6 +65,8 @@ def case_config(case: str, batch: int, length: int):
   vocab = {"vocab_size": 4096} if FLAGS.tiny else {}
   c.teacher = ml_collections.ConfigDict(dict(preset=teacher, tiny=FLAGS.tiny, **vocab))
   c.student = ml_collections.ConfigDict(dict(preset=student, tiny=FLAGS.tiny, **vocab))
+  if remat != "none":
+    c[role].update(dict(remat=True, remat_policy=remat))
   c.data.batch_size = batch
   c.data.max_seq_length = length
   c.teacher.max_position_embeddings = c.student.max_position_embeddings = max(length, 128)
@@ -122,14 +129,14 @@ def peak_tflops(device) -> float | None:
   return None
 
 
-def run_case(case: str, workdir: str, batch_size: int, length: int) -> dict:
+def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str = "none") -> dict:
   import jax
   import numpy as np
   from mobilebert_jax.models import build_model
   from mobilebert_jax.pretrained import init_params, save_pretrained
   from mobilebert_jax.training.trainer import Trainer, model_config, put_global, to_host
 
-  config = case_config(case, batch_size, length)
+  config = case_config(case, batch_size, length, remat)
   strategy, role, _, _ = CASES[case]
   if strategy != "pretrain":  # a random teacher, loaded the way a real run loads one
     teacher_cfg = model_config(config.teacher, "teacher")
@@ -175,7 +182,7 @@ def run_case(case: str, workdir: str, batch_size: int, length: int) -> dict:
   achieved = flops / step_s / 1e12
   return {
       "case": case, "strategy": strategy, "trained": role, "batch_size": batch_size,
-      "seq_len": length,
+      "seq_len": length, "remat": remat,
       # Per device: the step's live temporaries, its inputs (state, teacher, batch), outputs.
       "memory_bytes": {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
                        for k in ("temp", "argument", "output", "generated_code")},
@@ -195,23 +202,25 @@ def main(argv):
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import jax
   results = []
-  sweep = [(case, int(b), int(l)) for case in FLAGS.cases for b in FLAGS.batch_sizes
-           for l in FLAGS.seq_lens]
-  for case, batch_size, length in sweep:
+  sweep = [(case, int(b), int(l), remat) for case in FLAGS.cases for b in FLAGS.batch_sizes
+           for l in FLAGS.seq_lens for remat in FLAGS.remat]
+  for case, batch_size, length, remat in sweep:
     if case not in CASES:
       raise app.UsageError(f"unknown case {case!r}; valid: {sorted(CASES)}")
     with tempfile.TemporaryDirectory() as workdir:
-      result = run_case(case, workdir, batch_size, length)
+      result = run_case(case, workdir, batch_size, length, remat)
     results.append(result)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
     mem = result["memory_bytes"]
-    print(f"{case:17s} b={batch_size:<4d} l={length:<4d} {result['step_ms']:9.1f} ms/step "
+    print(f"{case:17s} b={batch_size:<4d} l={length:<4d} remat={remat:<8.8s} "
+          f"{result['step_ms']:9.1f} ms/step "
           f"{result['tokens_per_sec']:10.0f} tok/s temp {mem['temp'] / 2**20:8.1f} MiB "
           f"{result['achieved_tflops']:8.3f} TFLOP/s (analytic {result['analytic_tflop_per_step']:.4f}"
           f" vs XLA {result['xla_tflop_per_step']:.4f} TFLOP/step) MFU {mfu}", flush=True)
   report = {
-      "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_sizes", "seq_lens", "predictions",
-                                                  "steps", "tiny", "dtype", "peak_tflops")},
+      "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_sizes", "seq_lens", "remat",
+                                                  "predictions", "steps", "tiny", "dtype",
+                                                  "peak_tflops")},
       "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                   "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__},
       "results": results,

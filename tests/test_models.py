@@ -102,8 +102,10 @@ def test_bf16_compute_with_float32_params_stays_close():
   assert err / scale < 0.05
 
 
-def test_remat_gives_same_outputs_and_gradients():
-  config = tiny(get_preset("ib_bert_large"), vocab_size=64)
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable",
+                                    "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_same_outputs_and_gradients(policy):
+  config = tiny(get_preset("ib_bert_large"), vocab_size=64).replace(remat_policy=policy)
   ids = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 5, 64)
   params = init_params(build_model(config, "pretraining"), config, jax.random.PRNGKey(0))
 

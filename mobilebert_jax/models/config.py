@@ -16,6 +16,9 @@ NORMALIZATIONS = ("layer_norm", "no_norm")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "swish", "tanh")
 ATTENTION_INPUTS = ("layer_input", "shared_bottleneck", "bottleneck")
 MODEL_TYPES = ("mobilebert", "bert")
+# What a rematerialised layer keeps from its forward pass (`jax.checkpoint_policies` names):
+# nothing (recompute the whole layer), or the matmul outputs (recompute only element-wise ops).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # NAS-BERT layer ops (`ModelConfig.layer_ops`): "mha<heads>", "ffn<inner size>",
 # "conv<kernel>" (separable convolution, odd kernel) and "identity".
 OP_KINDS = ("mha", "ffn", "conv", "identity")
@@ -57,6 +60,10 @@ class ModelConfig:
     pad_token_id: id of [PAD].
     initializer_range: standard deviation of the truncated-normal initialisers.
     remat: rematerialise each layer in the backward pass (saves memory on deep teachers).
+    remat_policy: what a rematerialised layer saves (`REMAT_POLICIES`): ``nothing_saveable``
+      recomputes the whole layer (least memory), ``dots_saveable`` keeps every matmul output
+      (recomputes only activations and norms), ``dots_with_no_batch_dims_saveable`` keeps the
+      weight matmuls but recomputes the attention score/context products.
     layer_ops: a NAS-BERT architecture: one op per layer ("mha<heads>", "ffn<inner>",
       "conv<kernel>", "identity"), each a residual block with a post-LayerNorm at
       ``hidden_size``, in place of the transformer layers; empty for the usual layers. Needs
@@ -88,6 +95,7 @@ class ModelConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
   layer_ops: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -98,6 +106,7 @@ class ModelConfig:
     _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
     _check_choice("attention_input", self.attention_input, ATTENTION_INPUTS)
     _check_choice("model_type", self.model_type, MODEL_TYPES)
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     for name in ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
                  "num_heads", "intermediate_size", "num_ffn", "max_position_embeddings",
                  "type_vocab_size"):

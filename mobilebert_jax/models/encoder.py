@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mobilebert_jax.models import layers
@@ -167,13 +168,13 @@ class Backbone(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(cfg, **kw)
+    layer_cls = NasLayer if cfg.layer_ops else TransformerLayer
+    if cfg.remat:
+      layer_cls = nn.remat(layer_cls, static_argnums=(3,),
+                           policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     if cfg.layer_ops:  # a NAS-BERT architecture: one op per layer
-      layer_cls = nn.remat(NasLayer, static_argnums=(3,)) if cfg.remat else NasLayer
       self.layer = [layer_cls(cfg, op, **kw) for op in cfg.layer_ops]
     else:
-      layer_cls = TransformerLayer
-      if cfg.remat:
-        layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
       self.layer = [layer_cls(cfg, **kw) for _ in range(cfg.num_layers)]
     if self.add_pooling_layer and cfg.classifier_activation:
       self.pooler = layers.dense(cfg.hidden_size, ("embed",), ("hidden_out",), name=None,
