@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   tiny_opt.optimizer = "adamw"
   c.general = ml_collections.ConfigDict(dict(
       strategy="tinybert", model="student", num_steps=300_000, layer_mapping="uniform",
+      layer_mapping_order="nondecreasing",
       optimizer=tiny_opt))
   del c["teacher_pretrain"], c["pkt"], c["pd"]
   return c

@@ -203,11 +203,12 @@ def test_proxy_config_errors_come_before_any_compute(tmp_path):
     bad.proxy[key] = value
     with pytest.raises((ValueError, FileNotFoundError), match=message):
       lm.run_search(bad, str(workdir))
-  c.ga.monotone = False
-  with pytest.raises(ValueError, match="non-decreasing"):
-    lm.run_search(c, str(workdir))
-  c.ga.monotone = True
   assert not workdir.exists()
+  c.ga.monotone = False  # free mappings: the distillation stage is told to accept any order
+  write_sst2(tmp_path / "glue" / "SST-2", np.random.default_rng(0), vocab_words())
+  free = lm.ProxyScorer(c, str(tmp_path / "free")).distill_config((2, 1))
+  assert free.general.layer_mapping == "2,1" and free.general.layer_mapping_order == "any"
+  c.ga.monotone = True
   scorer = lm.ProxyScorer(c, str(workdir))
   with pytest.raises(ValueError, match=r"layer 2 maps to teacher layer 3, outside \[1, 2\]"):
     scorer((1, 3))
@@ -260,3 +261,16 @@ def test_proxy_search_end_to_end_and_rerun_reuses_the_runs(tmp_path, monkeypatch
   again = lm.run_search(c, str(workdir))
   assert (again.best_mapping, again.scores, again.num_evaluations) == (
       result.best_mapping, result.scores, 0)
+
+
+def test_tinybert_stage_reads_a_free_mapping_only_when_told():
+  import ml_collections
+  from mobilebert_jax.distill import strategies
+  from mobilebert_jax.models import get_preset
+  teacher = build_model(get_preset("bert_base", tiny_variant=True, num_layers=3), "pretraining")
+  student = build_model(get_preset("tinybert_4l", tiny_variant=True), "pretraining")
+  stage = ml_collections.ConfigDict(dict(strategy="tinybert", layer_mapping="3,1"))
+  with pytest.raises(ValueError, match="not nondecreasing"):
+    strategies.build_strategy(stage, student, teacher)
+  stage.layer_mapping_order = "any"
+  assert strategies.build_strategy(stage, student, teacher).name == "tinybert"

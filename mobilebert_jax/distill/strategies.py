@@ -289,8 +289,11 @@ def build_strategy(stage_cfg, student_model, teacher_model=None) -> Strategy:
 
   # tinybert, task_intermediate
   s_cfg, t_cfg = student_model.config, teacher_model.config
-  mapping = objectives.parse_layer_mapping(stage_cfg.layer_mapping, s_cfg.num_layers,
-                                           t_cfg.num_layers)
+  # A free (non-monotone) mapping, e.g. from the layer-mapping search, needs
+  # layer_mapping_order="any".
+  mapping = objectives.parse_layer_mapping(
+      stage_cfg.layer_mapping, s_cfg.num_layers, t_cfg.num_layers,
+      order=stage_cfg.get("layer_mapping_order", "nondecreasing"))
 
   def aux_init(rng):
     if s_cfg.hidden_size == t_cfg.hidden_size:

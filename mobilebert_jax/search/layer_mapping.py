@@ -373,6 +373,7 @@ class ProxyScorer:
     self.config = config
     self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self.proxy = config.get("proxy", None)
+    self.order = _order(bool(config.get("ga", {}).get("monotone", True)))
     check_block(self.proxy, PROXY_KEYS, "config.proxy")
     names = stage_names(config)
     if len(names) != 1 or config[names[0]].strategy != "tinybert":
@@ -420,6 +421,8 @@ class ProxyScorer:
     steps, full_steps = int(self.proxy.num_steps), int(stage.num_steps)
     stage.num_steps = steps
     stage.layer_mapping = format_layer_mapping(mapping)
+    with stage.unlocked():
+      stage.layer_mapping_order = self.order
     warmup = int(stage.optimizer.get("warmup_steps", 0))
     stage.optimizer.warmup_steps = min(steps, int(round(warmup * steps / full_steps)))
     if self.corpus is not None:
@@ -498,9 +501,9 @@ class ProxyScorer:
 
   def __call__(self, mapping: Sequence[int]) -> float:
     from mobilebert_jax.training.trainer import Trainer
-    # The tinybert strategy's own check (its default order): the mapping must be distillable.
+    # The tinybert strategy's own check (with this search's order): it must be distillable.
     mapping = parse_layer_mapping(tuple(mapping), self.num_student_layers,
-                                  self.num_teacher_layers)
+                                  self.num_teacher_layers, order=self.order)
     name = format_layer_mapping(mapping)
     run = self.run_dir(mapping)
     score_path = os.path.join(run, SCORE_FILE)
@@ -568,9 +571,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   mapping runs and of that file are not computed again."""
   check_block(config.get("ga", None), GA_KEYS, "config.ga")
   ga = config.ga
-  if not ga.monotone:
-    raise ValueError("config.ga.monotone=False: the 'tinybert' strategy reads only "
-                     "non-decreasing layer mappings, so free mappings cannot be distilled")
   scorer = ProxyScorer(config, workdir)
   m_total, n_total = scorer.num_student_layers, scorer.num_teacher_layers
   path = os.path.join(scorer.workdir, RESULT_FILE)
@@ -585,7 +585,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   if cache:
     log.info("layer-mapping search: %d mappings already scored in %s", len(cache), scorer.workdir)
   history: list[dict] = []
-  usage = lambda mapping: f"--config.{scorer.stage}.layer_mapping={mapping}"
+  free = "" if ga.monotone else f" --config.{scorer.stage}.layer_mapping_order=any"
+  usage = lambda mapping: f"--config.{scorer.stage}.layer_mapping={mapping}{free}"
 
   def write(record: dict, finished: bool) -> None:
     _write_json(path, {
@@ -601,7 +602,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
 
   result = genetic_search(
       scorer, m_total, n_total, population_size=int(ga.population_size),
-      generations=int(ga.generations), monotone=True, mutation_rate=float(ga.mutation_rate),
+      generations=int(ga.generations), monotone=bool(ga.monotone),
+      mutation_rate=float(ga.mutation_rate),
       crossover_rate=float(ga.crossover_rate), crossover_kind=ga.crossover, elite=int(ga.elite),
       tournament_size=int(ga.tournament_size), seed=int(ga.seed),
       initial=parse_initial(ga.initial), cache=cache, log_fn=log_fn)
@@ -629,7 +631,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"full TinyBERT general distillation with it: python -m mobilebert_jax.main "
         f"--config=configs/tinybert_general_distill.py --workdir=DIR "
         f"--config.teacher_checkpoint={config.teacher_checkpoint} "
-        f"--config.{stage}.layer_mapping={result.layer_mapping}")
+        f"--config.{stage}.layer_mapping={result.layer_mapping}"
+        f"{'' if config.ga.monotone else f' --config.{stage}.layer_mapping_order=any'}")
 
 
 if __name__ == "__main__":
