@@ -33,7 +33,8 @@ flags.DEFINE_list("cases", ["teacher_pretrain", "pkt", "pd", "tinybert"], "Stage
 flags.DEFINE_list("batch_sizes", ["8"], "Global batch sizes (a sweep when several).")
 flags.DEFINE_list("seq_lens", ["128"], "Sequence lengths (a sweep when several).")
 flags.DEFINE_integer("predictions", 20, "Masked positions per sequence.")
-flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
+flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step); 0 compiles only "
+                     "(FLOPs and memory analysis, no timing: for sizes too slow to run here).")
 flags.DEFINE_bool("tiny", False, "Use the tiny variants of the presets (quick smoke runs).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU (0: known GPUs only).")
@@ -161,15 +162,17 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", float("nan")))
 
-  state, metrics = compiled(state, cs.teacher_params, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(FLAGS.steps):
-    t = time.perf_counter()
+  times, loss = [], None
+  if FLAGS.steps > 0:
     state, metrics = compiled(state, cs.teacher_params, batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  step_s = float(np.median(times))
+    for _ in range(FLAGS.steps):
+      t = time.perf_counter()
+      state, metrics = compiled(state, cs.teacher_params, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    loss = float(np.asarray(metrics["loss"]))
+  step_s = float(np.median(times)) if times else None
 
   tokens = batch_size * length
   masked = batch_size * FLAGS.predictions
@@ -179,7 +182,7 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   memory = compiled.memory_analysis()
   devices = jax.devices()
   peak = peak_tflops(devices[0])
-  achieved = flops / step_s / 1e12
+  achieved = flops / step_s / 1e12 if step_s else None
   return {
       "case": case, "strategy": strategy, "trained": role, "batch_size": batch_size,
       "seq_len": length, "remat": remat,
@@ -187,12 +190,12 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
       "memory_bytes": {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
                        for k in ("temp", "argument", "output", "generated_code")},
       "trained_params": int(sum(x.size for x in jax.tree.leaves(params["model"]))),
-      "step_ms": 1000 * step_s, "step_ms_all": [1000 * t for t in times],
-      "tokens_per_sec": tokens / step_s, "compile_s": compile_s,
+      "step_ms": 1000 * step_s if step_s else None, "step_ms_all": [1000 * t for t in times],
+      "tokens_per_sec": tokens / step_s if step_s else None, "compile_s": compile_s,
       "analytic_tflop_per_step": flops / 1e12, "xla_tflop_per_step": xla_flops / 1e12,
       "achieved_tflops": achieved,
-      "mfu": achieved / (peak * len(devices)) if peak else None,
-      "loss": float(np.asarray(metrics["loss"])),
+      "mfu": achieved / (peak * len(devices)) if peak and achieved else None,
+      "loss": loss,
   }
 
 
@@ -212,10 +215,10 @@ def main(argv):
     results.append(result)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
     mem = result["memory_bytes"]
-    print(f"{case:17s} b={batch_size:<4d} l={length:<4d} remat={remat:<8.8s} "
-          f"{result['step_ms']:9.1f} ms/step "
-          f"{result['tokens_per_sec']:10.0f} tok/s temp {mem['temp'] / 2**20:8.1f} MiB "
-          f"{result['achieved_tflops']:8.3f} TFLOP/s (analytic {result['analytic_tflop_per_step']:.4f}"
+    timing = (f"{result['step_ms']:9.1f} ms/step {result['tokens_per_sec']:10.0f} tok/s "
+              f"{result['achieved_tflops']:8.3f} TFLOP/s" if result["step_ms"] else "not run")
+    print(f"{case:17s} b={batch_size:<4d} l={length:<4d} remat={remat:<8.8s} {timing} "
+          f"temp {mem['temp'] / 2**20:8.1f} MiB (analytic {result['analytic_tflop_per_step']:.4f}"
           f" vs XLA {result['xla_tflop_per_step']:.4f} TFLOP/step) MFU {mfu}", flush=True)
   report = {
       "settings": {k: getattr(FLAGS, k) for k in ("cases", "batch_sizes", "seq_lens", "remat",
