@@ -6,9 +6,13 @@
 Both sides run the same weights: each preset is initialised here (random, float32), exported with
 `hf.params_to_state` into a transformers `*Model` in memory, and the two outputs are compared
 before anything is timed. Both compute embeddings + encoder (no pooler) and return the last hidden
-state. The JAX side is one AOT-compiled `jax.jit` (compile time reported apart), the PyTorch side
-eager mode under `torch.inference_mode()`. Thread counts are set before jax or torch is imported:
-`PJRT_NPROC` sizes XLA's CPU intra-op pool, `torch.set_num_threads` PyTorch's.
+state. The JAX side is AOT-compiled `jax.jit` (compile time reported apart) in up to three
+variants: `tuned`, with this project's inference compiler options
+(`mobilebert_jax.compilation`, what evaluation and prediction use; the row's headline figure),
+`xla_defaults`, with XLA's own, and `tuned_dp<N>`, data parallel over `--cpu_devices=N` host
+devices. The PyTorch side runs eager mode under `torch.inference_mode()`. Thread counts are set
+before jax or torch is imported: `PJRT_NPROC` sizes XLA's CPU intra-op pool,
+`torch.set_num_threads` PyTorch's.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ flags.DEFINE_enum("attn_implementation", "sdpa", ["sdpa", "eager"], "transformer
 flags.DEFINE_float("atol", 1e-3, "Largest allowed |jax - torch| on the last hidden state.")
 flags.DEFINE_integer("seed", 0, "Seed for the weights and the token ids.")
 flags.DEFINE_string("output", "inference_benchmark.json", "JSON report path ('' to skip).")
+flags.DEFINE_integer("peak_size", 2048, "Size of the square matmul timed in both frameworks as "
+                     "the machine's practical peak (0 to skip).")
+flags.DEFINE_integer("cpu_devices", 1, "Host CPU devices for jax (jax_num_cpu_devices); above 1 "
+                     "the JAX side also runs data parallel over them (batches they divide).")
 
 
 def set_threads(threads: int) -> bool:
@@ -170,48 +178,113 @@ def bench_model(preset: str, batch_sizes, args) -> list[dict]:
     types = np.zeros(shape, np.int32)
     types[:, args["seq_len"] // 2:] = 1
 
-    start = time.perf_counter()
-    compiled = jax.jit(forward).lower(params, ids, mask, types).compile()
-    compile_s = time.perf_counter() - start
-    jax_inputs = [jax.device_put(x) for x in (ids, mask, types)]
+    variants = jax_variants(forward, params, (ids, mask, types), args["cpu_devices"])
     torch_inputs = dict(input_ids=torch.from_numpy(ids).long(),
                         attention_mask=torch.from_numpy(mask).long(),
                         token_type_ids=torch.from_numpy(types).long())
 
-    def run_jax():
-      return compiled(params, *jax_inputs).block_until_ready()
-
     def run_torch():
       return torch_model(**torch_inputs).last_hidden_state
 
+    timing = dict(warmup=args["warmup"], repeats=args["repeats"],
+                  min_repeats=args["min_repeats"], budget_s=args["budget_s"])
     with torch.inference_mode():
-      jax_out = np.asarray(run_jax())
       torch_out = run_torch().numpy()
-      max_diff = float(np.abs(jax_out - torch_out).max())
-      if not max_diff < args["atol"]:
-        raise RuntimeError(f"{preset} batch {batch}: jax and torch outputs differ by {max_diff:.3g}"
-                           f" (> {args['atol']}); refusing to time different computations")
-      timing = dict(warmup=args["warmup"], repeats=args["repeats"],
-                    min_repeats=args["min_repeats"], budget_s=args["budget_s"])
-      jax_stats = time_calls(run_jax, **timing)
-      gc.collect()
+      max_diff = 0.0
+      for name, (run, _, _) in variants.items():
+        diff = float(np.abs(np.asarray(run()) - torch_out).max())
+        if not diff < args["atol"]:
+          raise RuntimeError(f"{preset} batch {batch} ({name}): jax and torch outputs differ by "
+                             f"{diff:.3g} (> {args['atol']}); refusing to time different "
+                             "computations")
+        max_diff = max(max_diff, diff)
+      jax_stats = {}
+      gflop = variants["tuned"][2] / 1e9  # the whole batch's forward, one device
+      for name, (run, compile_s, _) in variants.items():
+        stats = time_calls(run, **timing)
+        jax_stats[name] = dict(stats, compile_s=compile_s,
+                               throughput_seq_s=batch / stats["median_ms"] * 1e3,
+                               gflop_per_s=gflop / stats["median_ms"] * 1e3)
+        gc.collect()
       torch_stats = time_calls(run_torch, **timing)
     row = {
         "model": preset, "batch_size": batch, "seq_len": args["seq_len"],
         "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "gflop": gflop,
         "max_abs_diff": max_diff, "output_max_abs": float(np.abs(torch_out).max()),
         "max_rel_diff": max_diff / max(float(np.abs(torch_out).max()), 1e-30),
-        "jax": dict(jax_stats, compile_s=compile_s,
-                    throughput_seq_s=batch / jax_stats["median_ms"] * 1e3),
+        "jax": jax_stats["tuned"],
+        "jax_variants": jax_stats,
         "torch": dict(torch_stats, throughput_seq_s=batch / torch_stats["median_ms"] * 1e3,
+                      gflop_per_s=gflop / torch_stats["median_ms"] * 1e3,
                       attn_implementation=torch_model.config._attn_implementation),
-        "speedup_torch_over_jax": torch_stats["median_ms"] / jax_stats["median_ms"],
+        "speedup_torch_over_jax": torch_stats["median_ms"] / jax_stats["tuned"]["median_ms"],
+        "speedup_torch_over_jax_variants": {
+            name: torch_stats["median_ms"] / stats["median_ms"]
+            for name, stats in jax_stats.items()},
     }
-    print(f"  batch {batch}: jax {jax_stats['median_ms']:.1f} ms (n={jax_stats['n']}, compile "
-          f"{compile_s:.1f}s), torch {torch_stats['median_ms']:.1f} ms (n={torch_stats['n']}), "
-          f"max |diff| {max_diff:.1e}", flush=True)
+    jax_text = ", ".join(f"{name} {stats['median_ms']:.1f} ms (n={stats['n']}, compile "
+                         f"{stats['compile_s']:.1f}s)" for name, stats in jax_stats.items())
+    print(f"  batch {batch}: jax {jax_text}; torch {torch_stats['median_ms']:.1f} ms "
+          f"(n={torch_stats['n']}), max |diff| {max_diff:.1e}", flush=True)
     rows.append(row)
   return rows
+
+
+def jax_variants(forward, params, inputs, cpu_devices: int) -> dict:
+  """{variant: (call returning the output, compile seconds, XLA's FLOP count)}: `tuned`
+  (this project's inference compiler options), `xla_defaults`, and `tuned_dp<N>` (batch split
+  over N host devices) when N > 1 divides the batch."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from mobilebert_jax.compilation import inference_compiler_options
+
+  placements = {"tuned": None, "xla_defaults": None}
+  batch = inputs[0].shape[0]
+  if cpu_devices > 1 and batch % cpu_devices == 0:
+    mesh = Mesh(np.array(jax.devices()[:cpu_devices]), ("data",))
+    placements[f"tuned_dp{cpu_devices}"] = (NamedSharding(mesh, PartitionSpec()),
+                                             NamedSharding(mesh, PartitionSpec("data")))
+  variants = {}
+  for name, placement in placements.items():
+    options = {} if name == "xla_defaults" else inference_compiler_options()
+    if placement is None:
+      p, xs = params, [jax.device_put(x) for x in inputs]
+      fn = jax.jit(forward)
+    else:
+      p = jax.device_put(params, placement[0])
+      xs = [jax.device_put(x, placement[1]) for x in inputs]
+      fn = jax.jit(forward, out_shardings=placement[1])
+    start = time.perf_counter()
+    compiled = fn.lower(p, *xs).compile(compiler_options=options or None)
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    variants[name] = (
+        lambda compiled=compiled, p=p, xs=xs: compiled(p, *xs).block_until_ready(), compile_s,
+        float((cost or {}).get("flops", float("nan"))))
+  return variants
+
+
+
+def matmul_peak(size: int, args) -> dict:
+  """GFLOP/s of one float32 [size, size] x [size, size] product in each framework (the
+  practical peak this machine's threads reach)."""
+  import jax
+  import numpy as np
+  import torch
+  a = np.random.default_rng(0).standard_normal((size, size), np.float32)
+  x, t = jax.device_put(a), torch.from_numpy(a)
+  product = jax.jit(lambda m: m @ m)
+  timing = dict(warmup=2, repeats=args["repeats"], min_repeats=args["min_repeats"],
+                budget_s=args["budget_s"] / 3)
+  jax_ms = time_calls(lambda: product(x).block_until_ready(), **timing)["median_ms"]
+  with torch.inference_mode():
+    torch_ms = time_calls(lambda: torch.mm(t, t), **timing)["median_ms"]
+  flop = 2.0 * size ** 3
+  return {"size": size, "jax_gflop_per_s": flop / jax_ms / 1e6,
+          "torch_gflop_per_s": flop / torch_ms / 1e6}
 
 
 def bert_base_ratios(rows) -> dict:
@@ -229,19 +302,21 @@ def bert_base_ratios(rows) -> dict:
 
 
 def print_table(rows, ratios) -> None:
-  header = (f"{'model':<16}{'batch':>6}{'jax ms':>10}{'p90':>9}{'torch ms':>10}{'p90':>9}"
-            f"{'torch/jax':>10}{'jax seq/s':>11}{'torch seq/s':>12}")
+  header = (f"{'model':<16}{'batch':>6}  {'jax variant':<14}{'jax ms':>9}{'p90':>9}{'torch ms':>10}"
+            f"{'p90':>9}{'torch/jax':>10}{'jax GF/s':>10}{'torch GF/s':>11}")
   print(header)
   print("-" * len(header))
   for r in rows:
-    j, t = r["jax"], r["torch"]
-    print(f"{r['model']:<16}{r['batch_size']:>6}{j['median_ms']:>10.1f}{j['p90_ms']:>9.1f}"
-          f"{t['median_ms']:>10.1f}{t['p90_ms']:>9.1f}{r['speedup_torch_over_jax']:>9.2f}x"
-          f"{j['throughput_seq_s']:>11.1f}{t['throughput_seq_s']:>12.1f}")
+    t = r["torch"]
+    for name, j in r["jax_variants"].items():
+      print(f"{r['model']:<16}{r['batch_size']:>6}  {name:<14}{j['median_ms']:>9.1f}"
+            f"{j['p90_ms']:>9.1f}{t['median_ms']:>10.1f}{t['p90_ms']:>9.1f}"
+            f"{r['speedup_torch_over_jax_variants'][name]:>9.2f}x{j['gflop_per_s']:>10.1f}"
+            f"{t['gflop_per_s']:>11.1f}")
   for fw, per_model in ratios.items():
     for name, per_batch in per_model.items():
       text = ", ".join(f"batch {b}: {v:.2f}x" for b, v in per_batch.items())
-      print(f"bert_base / {name} latency ({fw}): {text}")
+      print(f"bert_base / {name} latency ({fw}{', tuned' if fw == 'jax' else ''}): {text}")
 
 
 def main(argv):
@@ -254,23 +329,30 @@ def main(argv):
   import torch
   import transformers
   jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   torch.set_num_threads(threads)
   transformers.logging.set_verbosity_error()
+  from mobilebert_jax.compilation import inference_compiler_options
   if not xla_threads_applied:
     print("warning: jax was imported before the thread settings; XLA uses its default pool")
 
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   args = dict(seq_len=FLAGS.seq_len, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
               min_repeats=FLAGS.min_repeats, budget_s=FLAGS.budget_s, seed=FLAGS.seed,
-              attn_implementation=FLAGS.attn_implementation, atol=FLAGS.atol)
+              attn_implementation=FLAGS.attn_implementation, atol=FLAGS.atol,
+              cpu_devices=FLAGS.cpu_devices)
   start = time.perf_counter()
   machine = machine_info()
   rows = []
   for preset in FLAGS.models:
     rows.extend(bench_model(preset, batch_sizes, args))
+  peak = matmul_peak(FLAGS.peak_size, args) if FLAGS.peak_size else None
   ratios = bert_base_ratios(rows)
   print()
   print_table(rows, ratios)
+  if peak:
+    print(f"float32 {peak['size']}^3 matmul: jax {peak['jax_gflop_per_s']:.0f} GFLOP/s, torch "
+          f"{peak['torch_gflop_per_s']:.0f} GFLOP/s")
   report = {
       "benchmark": "inference",
       "settings": dict(args, models=list(FLAGS.models), batch_sizes=batch_sizes,
@@ -285,6 +367,8 @@ def main(argv):
           "xla_threads_applied": xla_threads_applied,
       },
       "machine": dict(machine, load_average_end=list(os.getloadavg())),
+      "jax_compiler_options": inference_compiler_options(),
+      "matmul_peak": peak,
       "results": rows,
       "bert_base_over_model_latency": ratios,
       "wall_s": time.perf_counter() - start,

@@ -6,7 +6,8 @@
 Several --batch_sizes / --seq_lens give the cost-of-scaling sweep: step time, tokens/s and the
 compiled step's memory per device (XLA's memory analysis: temporaries, arguments, outputs).
 --remat=none,nothing_saveable,dots_saveable compares rematerialisation policies of the trained
-model's layers (memory against recompute time).
+model's layers (memory against recompute time). --inference_compiler_options compiles the steps
+with the options the project's inference forwards use, to compare with XLA's defaults.
 
 Each case is one stage of the real trainer (`Trainer.build_stage`): IB-BERT-large teacher
 pretraining (MLM + NSP), MobileBERT PKT and PD from an IB-BERT teacher, and TinyBERT-4L general
@@ -39,6 +40,9 @@ flags.DEFINE_bool("tiny", False, "Use the tiny variants of the presets (quick sm
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device for MFU (0: known GPUs only).")
 flags.DEFINE_string("output", "train_step_benchmark.json", "JSON report path ('' to skip).")
+flags.DEFINE_bool("inference_compiler_options", False, "Compile the steps with "
+                  "mobilebert_jax.compilation's inference options (to compare with XLA's "
+                  "defaults, which the trainer uses).")
 flags.DEFINE_list("remat", ["none"], "Rematerialisation of the trained model's layers: 'none' or "
                   "a ModelConfig.remat_policy (a sweep when several).")
 
@@ -133,6 +137,7 @@ def peak_tflops(device) -> float | None:
 def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str = "none") -> dict:
   import jax
   import numpy as np
+  from mobilebert_jax.compilation import inference_compiler_options
   from mobilebert_jax.models import build_model
   from mobilebert_jax.pretrained import init_params, save_pretrained
   from mobilebert_jax.training.trainer import Trainer, model_config, put_global, to_host
@@ -156,7 +161,9 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   batch = put_global(host_batch, {k: cs.batch_sharding for k in host_batch})
 
   start = time.perf_counter()
-  compiled = cs.step_fn.lower(state, cs.teacher_params, batch).compile()
+  options = inference_compiler_options() if FLAGS.inference_compiler_options else {}
+  compiled = cs.step_fn.lower(state, cs.teacher_params, batch).compile(
+      compiler_options=options or None)
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -185,7 +192,7 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   achieved = flops / step_s / 1e12 if step_s else None
   return {
       "case": case, "strategy": strategy, "trained": role, "batch_size": batch_size,
-      "seq_len": length, "remat": remat,
+      "seq_len": length, "remat": remat, "compiler_options": options,
       # Per device: the step's live temporaries, its inputs (state, teacher, batch), outputs.
       "memory_bytes": {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
                        for k in ("temp", "argument", "output", "generated_code")},

@@ -98,6 +98,7 @@ def mlm_predict_fn(model, params) -> MlmPredict:
   import jax
   import jax.numpy as jnp
 
+  from mobilebert_jax.compilation import jit_inference
   from mobilebert_jax.models.heads import ForMaskedLM, ForPreTraining
   if not isinstance(model, (ForPreTraining, ForMaskedLM)):
     raise ValueError(f"mlm_predict_fn needs a model with an MLM head (pretraining or masked_lm), "
@@ -105,7 +106,7 @@ def mlm_predict_fn(model, params) -> MlmPredict:
 
   params = jax.device_put(params)
 
-  @jax.jit
+  @jit_inference
   def logits(params, input_ids, attention_mask, token_type_ids, positions):
     out = model.apply({"params": params}, input_ids, attention_mask, token_type_ids,
                       masked_lm_positions=positions)

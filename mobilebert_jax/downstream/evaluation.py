@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from mobilebert_jax.compilation import jit_inference
 from mobilebert_jax.downstream import glue_data, squad
 from mobilebert_jax.downstream.metrics import glue_metrics
 
@@ -25,7 +26,7 @@ def predict(cs, params, arrays: dict, batch_size: int, fields: tuple[str, ...]) 
   params = put_global(params, cs.shardings.params["model"])
   keys = ("input_ids", "attention_mask", "token_type_ids")
 
-  @jax.jit
+  @jit_inference
   def forward(params, batch):
     out = model.apply({"params": params}, *(batch[k] for k in keys))
     return {f: getattr(out, f) for f in fields}
@@ -144,7 +145,7 @@ def evaluate_ptq(cs, params, dataset, workdir: str, writer, qconfig) -> dict[str
                                    size * int(qconfig.get("calibration_batches", 8))), size)]
   scales = quantizer.calibrate(cs.model, params, batches)
 
-  @jax.jit
+  @jit_inference
   def forward(batch):
     return quantizer.quantized_apply(cs.model, params, scales, **batch).logits
 
@@ -174,7 +175,7 @@ def evaluate_lsq(cs, params, steps, dataset, final_dir: str, workdir: str,
   steps = jax.tree.map(lambda x: np.maximum(x, LSQ_STEP_FLOOR), steps)
   keys = ("input_ids", "attention_mask", "token_type_ids")
 
-  @jax.jit
+  @jit_inference
   def forward(batch):
     return quantization.lsq_apply(cs.model, params, steps, *(batch[k] for k in keys),
                                   **bits).logits

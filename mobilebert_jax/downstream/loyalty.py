@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
+from mobilebert_jax.compilation import jit_inference
 from mobilebert_jax.downstream.metrics import label_loyalty, probability_loyalty
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -39,7 +40,7 @@ def predict_fn(model, params) -> Predictor:
   `model.apply({"params": params}, input_ids, attention_mask, token_type_ids).logits` as float32
   [B, C] (deterministic, no dropout)."""
 
-  @jax.jit
+  @jit_inference
   def forward(params, input_ids, attention_mask, token_type_ids):
     return model.apply({"params": params}, input_ids, attention_mask, token_type_ids).logits
 

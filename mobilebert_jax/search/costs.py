@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from mobilebert_jax.compilation import jit_inference
 from mobilebert_jax.models import ModelConfig
 from mobilebert_jax.models.config import parse_op
 
@@ -182,7 +183,7 @@ def measure_latency_table(space, *, batch_size: int, seq_length: int, repeats: i
     emb = Embeddings(config)
     emb_params = emb.init(jax.random.PRNGKey(seed), ids, ids * 0, positions, True)
     embeddings[str(hidden)] = _time_ms(
-        jax.jit(lambda p, i: emb.apply(p, i, i * 0, positions, True)), (emb_params, ids),
+        jit_inference(lambda p, i: emb.apply(p, i, i * 0, positions, True)), (emb_params, ids),
         repeats)
     x = jnp.asarray(rng.standard_normal((batch_size, seq_length, hidden)), jnp.float32)
     ops[str(hidden)] = {}
@@ -192,7 +193,8 @@ def measure_latency_table(space, *, batch_size: int, seq_length: int, repeats: i
       layer = NasLayer(config, op)
       params = layer.init(jax.random.PRNGKey(seed), x, mask)
       ops[str(hidden)][op] = _time_ms(
-          jax.jit(lambda p, h, layer=layer: layer.apply(p, h, mask)[0]), (params, x), repeats)
+          jit_inference(lambda p, h, layer=layer: layer.apply(p, h, mask)[0]), (params, x),
+          repeats)
     log.info("latency table: hidden %d measured (%s)", hidden,
              ", ".join(f"{op} {ms:.3f} ms" for op, ms in ops[str(hidden)].items()))
   return LatencyTable(ops, embeddings, device=device_name(), batch_size=batch_size,
