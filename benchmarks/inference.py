@@ -267,7 +267,6 @@ def jax_variants(forward, params, inputs, cpu_devices: int) -> dict:
   return variants
 
 
-
 def matmul_peak(size: int, args) -> dict:
   """GFLOP/s of one float32 [size, size] x [size, size] product in each framework (the
   practical peak this machine's threads reach)."""
