@@ -54,13 +54,11 @@ def inference_compiler_options(backend: str | None = None) -> dict[str, Any]:
   return dict(options)
 
 
-def jit_inference(fun: Callable | None = None, **jit_kwargs) -> Callable:
-  """`jax.jit` for forward passes, compiled with `inference_compiler_options()`.
+def jit_inference(fun: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `inference_compiler_options()`.
 
-  Use as `@jit_inference` or `jit_inference(fn, static_argnums=...)` for functions called at top
-  level (JAX refuses compiler options on a jit nested in another trace), and create it where the
-  backend may already be initialised (inside a function), not at import time.
+  For functions called at top level (JAX refuses compiler options on a jit nested in another
+  trace); create it where the backend may already be initialised (inside a function), not at
+  import time.
   """
-  if fun is None:
-    return functools.partial(jit_inference, **jit_kwargs)
   return jax.jit(fun, compiler_options=inference_compiler_options() or None, **jit_kwargs)
