@@ -10,7 +10,7 @@ tensorflow-datasets directory (or text files) and the BERT uncased vocab:
 import ml_collections
 
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
+from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,9 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.teacher = ml_collections.ConfigDict(dict(preset="ib_bert_large"))
   c.student = ml_collections.ConfigDict(dict(preset="mobilebert"))
-  c.data.update(dict(input_files=None, tfds_name="wikipedia/20230601.en", tfds_data_dir="",
-                     vocab_path="", max_seq_length=512, max_predictions_per_seq=20,
-                     batch_size=4096, dupe_factor=1))
+  c.data.update(prepared_corpus(max_seq_length=512, max_predictions_per_seq=20,
+                                batch_size=4096))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
   c.log_every_steps = 100

@@ -5,7 +5,7 @@
         --config.data.tfds_data_dir=TFDS_DIR --config.proxy.data_dir=GLUE_DIR
 
 (or `--config.data.input_files=CORPUS.txt`, BERT-format text, which takes precedence over
-`data.tfds_name`).
+`data.tfds_name`; the proxy's corpus sample is prepared once into `DIR/prepared_data/`).
 
 A genetic algorithm (`ga`) over the mappings of the 4 student layers onto the 12 teacher layers
 (non-decreasing: 1365 of them) scores every mapping it breeds in the proxy setting (`proxy`): a
@@ -26,14 +26,15 @@ Scale `proxy.num_steps`/`proxy.finetune_steps` down for a cheaper, noisier searc
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from mobilebert_jax.default_config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = sibling_config(__file__, "tinybert_general_distill")
-  c.data.input_files = config_dict.placeholder(str)  # settable: text files win over tfds_name
+  # The proxy samples raw documents: data.input_files (BERT-format text, preferred) or
+  # data.tfds_name; the proxy runs prepare their sample on the fly.
+  c.data.update(dict(require_prepared=False, tfds_name="wikipedia/20230601.en"))
   c.ga = ml_collections.ConfigDict(dict(
       population_size=16, generations=10, monotone=True, mutation_rate=0.15, crossover_rate=0.8,
       crossover="one_point", elite=2, tournament_size=4, seed=0, initial=""))

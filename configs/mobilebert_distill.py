@@ -8,7 +8,7 @@ IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face).
 import ml_collections
 
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer, transfer_factors
+from mobilebert_jax.default_config import optimizer, prepared_corpus, transfer_factors
 
 STUDENT_PRESET = "mobilebert"
 
@@ -20,9 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(preset="ib_bert_large"))
   c.student = ml_collections.ConfigDict(dict(preset=STUDENT_PRESET))
   c.teacher_checkpoint = ""
-  c.data.update(dict(input_files=None, tfds_name="wikipedia/20230601.en", tfds_data_dir="",
-                     vocab_path="", max_seq_length=512, max_predictions_per_seq=20,
-                     batch_size=2048, dupe_factor=1))
+  c.data.update(prepared_corpus(max_seq_length=512, max_predictions_per_seq=20,
+                                batch_size=2048))
   c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
   c.log_every_steps = 100
   # The reference layer-wise schedule: 0 before a layer's phase, 1 during it, 0.1 after.

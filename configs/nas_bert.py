@@ -20,7 +20,7 @@ device is measured). Each extracted model is then trained with pretraining disti
 import ml_collections
 
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
+from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def nas_stage(**values) -> ml_collections.ConfigDict:
@@ -60,9 +60,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(preset="bert_base"))
   c.student = ml_collections.ConfigDict(dict(preset="bert_base", embedding_size=128))
   c.teacher_checkpoint = ""
-  c.data.update(dict(input_files=None, tfds_name="wikipedia/20230601.en", tfds_data_dir="",
-                     vocab_path="", max_seq_length=128, max_predictions_per_seq=20,
-                     batch_size=1024, dupe_factor=1))
+  c.data.update(prepared_corpus(max_seq_length=128, max_predictions_per_seq=20,
+                                batch_size=1024))
   c.checkpoint.update(dict(save_every_steps=5_000, keep=3))
   c.log_every_steps = 100
   c.nas = nas_stage(

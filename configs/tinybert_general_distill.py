@@ -8,7 +8,7 @@ directory: --config.teacher_checkpoint=/path/to/bert-base-uncased --config.data.
 import ml_collections
 
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
+from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,9 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(preset="bert_base"))
   c.student = ml_collections.ConfigDict(dict(preset="tinybert_4l"))
   c.teacher_checkpoint = ""
-  c.data.update(dict(input_files=None, tfds_name="wikipedia/20230601.en", tfds_data_dir="",
-                     vocab_path="", max_seq_length=128, max_predictions_per_seq=20,
-                     batch_size=256, dupe_factor=1))
+  c.data.update(prepared_corpus(max_seq_length=128, max_predictions_per_seq=20,
+                                batch_size=256))
   c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
   c.log_every_steps = 100
   tiny_opt = optimizer(learning_rate=1e-4, warmup_steps=10_000)

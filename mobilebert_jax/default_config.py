@@ -6,10 +6,13 @@ progressive knowledge transfer (one phase per layer) followed by pretraining dis
 A few minutes on a 2-core CPU.
 """
 
+import dataclasses
 import importlib.util
 import os
 
 import ml_collections
+
+from mobilebert_jax.data.pipeline import DataConfig
 
 
 def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
@@ -23,6 +26,20 @@ def transfer_factors(**extra) -> dict:
   """MobileBERT's reference layer-wise transfer weights (DESIGN.md section 3)."""
   return dict(hidden_factor=100.0, beta_factor=5000.0, gamma_factor=5.0, attention_factor=1.0,
               **extra)
+
+
+def data_config(**values) -> ml_collections.ConfigDict:
+  """`config.data`: every pretraining data key (`mobilebert_jax.data.DataConfig`) with its
+  default, then `values`."""
+  return ml_collections.ConfigDict(dataclasses.asdict(DataConfig(**values)))
+
+
+def prepared_corpus(**values) -> dict:
+  """`config.data` values of the full-size configs: a corpus prepared once
+  (`--config.data.prepared_dir=DIR` from `python -m mobilebert_jax.data.prepare`, required)
+  and read by grain worker processes."""
+  return dict(prepared_dir="", require_prepared=True, input_files="", tfds_name="",
+              num_workers=4, **values)
 
 
 def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
@@ -51,10 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
       attention_dropout=0.0))
   c.teacher_checkpoint = ""
   c.student_checkpoint = ""
-  c.data = ml_collections.ConfigDict(dict(
-      input_files=None, vocab_path="", max_seq_length=64, max_predictions_per_seq=10,
-      masked_lm_prob=0.15, short_seq_prob=0.1, whole_word_masking=False, dupe_factor=5, seed=0,
-      batch_size=32))
+  # The shipped corpus (data.input_files empty), prepared once into workdir/prepared_data/.
+  c.data = data_config(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=5,
+                       batch_size=32)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
   c.log_every_steps = 20

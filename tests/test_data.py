@@ -9,6 +9,7 @@ import pytest
 from mobilebert_jax.data import build_vocab, pretraining, sources
 from mobilebert_jax.data.paths import sample_text_path, sample_vocab_path
 from mobilebert_jax.data.pipeline import DataConfig, PretrainingDataset
+from mobilebert_jax.data.prepare import CorpusSource, PrepareOptions, prepare_corpus
 from mobilebert_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -22,16 +23,34 @@ def tokenizer():
     return load_tokenizer(sample_vocab_path())
 
 
-def make_dataset(tokenizer, **kw):
-    opts = dict(input_files=str(sample_text_path()), batch_size=8, max_seq_length=64,
-                max_predictions_per_seq=10, seed=3, process_index=0, process_count=1)
-    opts.update(kw)
-    return PretrainingDataset(tokenizer=tokenizer, **opts)
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The shipped corpus prepared into 3 shards (sequences of up to 64 tokens, 2 passes)."""
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = prepare_corpus(CorpusSource(input_files=str(sample_text_path())), "", str(out),
+                              PrepareOptions(max_seq_length=64, dupe_factor=2,
+                                             shard_size_mb=0.015, num_workers=0))
+    assert len(manifest.shards) == 3
+    return str(out)
 
 
 @pytest.fixture(scope="module")
-def dataset(tokenizer):
+def make_dataset(prepared):
+    def make(tokenizer, **kw):
+        opts = dict(prepared_dir=prepared, batch_size=8, max_seq_length=64,
+                    max_predictions_per_seq=10, seed=3, process_index=0, process_count=1)
+        opts.update(kw)
+        return PretrainingDataset(tokenizer=tokenizer, **opts)
+    return make
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer, make_dataset):
     return make_dataset(tokenizer)
+
+
+def all_records(dataset):
+    return dataset.source.read(range(dataset.num_examples))
 
 
 def synthetic_vocab(n_words=600):
@@ -186,12 +205,10 @@ def test_nsp_label0_on_shipped_corpus_is_consecutive_text(dataset, tokenizer):
     text = " ".join(" ".join(d) for d in docs)
     norm = lambda s: " ".join(tokenizer.tokenize(s))
     corpus = norm(text)
-    packed = dataset.instances
     checked = 0
-    for n in range(len(packed)):
-        if packed.next_sentence_labels[n] != 0:
+    for seq, _, label in all_records(dataset):
+        if label != 0:
             continue
-        seq = packed.sequence(n)
         if len(seq) >= dataset.config.max_seq_length:  # possibly truncated in the middle
             continue
         pieces = tokenizer.convert_ids_to_tokens(
@@ -203,10 +220,12 @@ def test_nsp_label0_on_shipped_corpus_is_consecutive_text(dataset, tokenizer):
 
 def test_truncate_seq_pair():
     rng = np.random.default_rng(0)
-    a, b = list(range(30)), list(range(100, 110))
-    pretraining.truncate_seq_pair(a, b, 20, rng)
-    assert len(a) + len(b) == 20 and len(b) == 10
-    assert a == list(range(a[0], a[0] + len(a)))
+    (fa, ba), (fb, bb) = pretraining.truncate_seq_pair(30, 10, 20, rng)
+    assert (fb, bb) == (0, 0) and fa + ba == 20 and fa > 0 and ba > 0
+    # Both segments shrink once they are equally long; B on a tie.
+    (fa, ba), (fb, bb) = pretraining.truncate_seq_pair(12, 10, 14, rng)
+    assert 12 - fa - ba == 7 and 10 - fb - bb == 7
+    assert pretraining.truncate_seq_pair(3, 4, 7, rng) == ((0, 0), (0, 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +244,7 @@ def test_batch_format(dataset):
         assert dataset.batch_spec()[k] == (shape, np.dtype(dtype))
     order = dataset.epoch_order(0)[:b]
     for row in range(b):
-        original = dataset.instances.sequence(int(order[row]))
+        original, len_a, label = dataset.source.read([int(order[row])])[0]
         n = len(original)
         ids, mask, types_ = (batch[k][row] for k in ("input_ids", "attention_mask",
                                                      "token_type_ids"))
@@ -245,12 +264,12 @@ def test_batch_format(dataset):
         keep = np.ones(n, bool)
         keep[pos[:k]] = False
         np.testing.assert_array_equal(ids[:n][keep], original[keep])
-        assert batch["next_sentence_labels"][row] == dataset.instances.next_sentence_labels[
-            order[row]]
+        assert seps[0] == len_a - 1
+        assert batch["next_sentence_labels"][row] == label
     assert set(np.unique(batch["next_sentence_labels"])) <= {0, 1}
 
 
-def test_determinism_and_dynamic_masking(tokenizer):
+def test_determinism_and_dynamic_masking(tokenizer, make_dataset):
     a = make_dataset(tokenizer)
     b = make_dataset(tokenizer)
     c = make_dataset(tokenizer, seed=4)
@@ -273,7 +292,7 @@ def test_determinism_and_dynamic_masking(tokenizer):
                                   m1)
 
 
-def test_two_process_split_equals_global_batch(tokenizer):
+def test_two_process_split_equals_global_batch(tokenizer, make_dataset):
     one = make_dataset(tokenizer, batch_size=8)
     halves = [make_dataset(tokenizer, batch_size=8, process_index=i, process_count=2)
               for i in range(2)]
@@ -285,7 +304,7 @@ def test_two_process_split_equals_global_batch(tokenizer):
             np.testing.assert_array_equal(full[k], np.concatenate([p[k] for p in parts]))
 
 
-def test_state_restore_resumes_exactly_across_epochs(tokenizer):
+def test_state_restore_resumes_exactly_across_epochs(tokenizer, make_dataset):
     ref = make_dataset(tokenizer)
     bpe = ref.batches_per_epoch
     reference = [next(ref) for _ in range(bpe + 3)]
@@ -308,7 +327,7 @@ def test_state_restore_resumes_exactly_across_epochs(tokenizer):
     np.testing.assert_array_equal(next(half)["input_ids"], reference[bpe]["input_ids"][4:])
 
 
-def test_restore_rejects_other_config(tokenizer, dataset):
+def test_restore_rejects_other_config(tokenizer, dataset, make_dataset):
     state = dataset.state()
     with pytest.raises(ValueError, match="seed"):
         make_dataset(tokenizer, seed=5, state=state)
@@ -316,44 +335,38 @@ def test_restore_rejects_other_config(tokenizer, dataset):
         dataset.restore({"epoch": 0})
 
 
-def test_num_epochs_stops(tokenizer):
+def test_num_epochs_stops(tokenizer, make_dataset):
     ds = make_dataset(tokenizer, num_epochs=1)
     assert sum(1 for _ in ds) == ds.batches_per_epoch
 
 
-def test_whole_word_masking_pipeline(tokenizer):
+def test_whole_word_masking_pipeline(tokenizer, make_dataset):
     ds = make_dataset(tokenizer, whole_word_masking=True)
     batch = next(ds)
     assert batch["masked_lm_weights"].sum() > 0
 
 
-def test_config_dict_and_errors(tmp_path, tokenizer):
+def test_config_dict_and_errors(tmp_path, tokenizer, make_dataset, prepared):
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict(dict(input_files=str(sample_text_path()), batch_size=4,
-                                         max_seq_length=32))
+    cfg = ml_collections.ConfigDict(dict(prepared_dir=prepared, batch_size=4, max_seq_length=64))
     ds = PretrainingDataset(cfg, tokenizer=tokenizer, process_index=0, process_count=1)
-    assert next(ds)["input_ids"].shape == (4, 32)
+    assert next(ds)["input_ids"].shape == (4, 64)
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
         make_dataset(tokenizer, batch_size=8, process_count=3)
     with pytest.raises(ValueError, match="bogus"):
         DataConfig.from_any({"input_files": "x", "bogus": 1})
-    with pytest.raises(ValueError, match="exactly one"):
-        DataConfig.from_any({})
+    with pytest.raises(ValueError, match="prepared_dir"):
+        PretrainingDataset({"input_files": "x"}, tokenizer=tokenizer, process_index=0,
+                           process_count=1)
     with pytest.raises(ValueError, match="only one"):
         DataConfig.from_any({"input_files": "x", "tfds_name": "wiki", "tfds_data_dir": "/d"})
     with pytest.raises(ValueError, match="masked_lm_prob"):
         DataConfig.from_any({"input_files": "x", "masked_lm_prob": 1.5})
+    with pytest.raises(ValueError, match="num_workers"):
+        DataConfig.from_any({"num_workers": -1})
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make_dataset(tokenizer, batch_size=100000)
-    missing = tmp_path / "nope.txt"
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
-        make_dataset(tokenizer, input_files=str(missing))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="empty.txt"):
-        make_dataset(tokenizer, input_files=str(empty))
-    with pytest.raises(FileNotFoundError, match=r"\*\.zzz"):
-        make_dataset(tokenizer, input_files=str(tmp_path / "*.zzz"))
+    assert DataConfig.from_any({"num_epochs": None, "input_files": None}).num_epochs == 0
 
 
 def test_check_vocab_size(dataset):
@@ -363,7 +376,7 @@ def test_check_vocab_size(dataset):
         dataset.check_vocab_size(1000)
 
 
-def test_prefetch_to_device(tokenizer):
+def test_prefetch_to_device(tokenizer, make_dataset):
     jax = pytest.importorskip("jax")
     from mobilebert_jax.data.prefetch import prefetch_to_device
     ds = make_dataset(tokenizer)
@@ -501,3 +514,25 @@ def test_build_vocab_cli(tmp_path):
     tok = load_tokenizer(out)
     ids = tok("The heart pumps blood.", add_special_tokens=False)["input_ids"]
     assert UNK not in ids
+
+
+def test_grain_worker_processes_give_the_same_batches(tokenizer, make_dataset):
+    ref = make_dataset(tokenizer)
+    bpe = ref.batches_per_epoch
+    expected = [next(ref) for _ in range(bpe + 2)]  # crosses an epoch boundary
+    halves = [make_dataset(tokenizer, num_workers=2, process_index=i, process_count=2)
+              for i in range(2)]
+    try:
+        for k in range(bpe + 2):
+            parts = [next(h) for h in halves]
+            for key in expected[k]:
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
+                                              expected[k][key])
+        # Resuming a worker-backed iterator restarts its workers at the saved position.
+        state = halves[0].state()
+        resumed = make_dataset(tokenizer, num_workers=1, state=state)
+        np.testing.assert_array_equal(next(resumed)["input_ids"], next(ref)["input_ids"])
+        resumed.close()
+    finally:
+        for h in halves:
+            h.close()

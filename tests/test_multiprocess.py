@@ -1,4 +1,5 @@
-"""A 2-process run over loopback (2 x 4 CPU devices) equals a 1-process run on 8 devices."""
+"""A 2-process run over loopback (2 x 4 CPU devices) equals a 1-process run on 8 devices, both
+reading the same corpus prepared into several shards (the 2-process run through grain workers)."""
 
 import os
 import socket
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 from mobilebert_jax import load_pretrained
+from mobilebert_jax.data import CorpusSource, PrepareOptions, prepare_corpus, sample_text_path
 from mobilebert_jax.training.metrics import read_metrics
 
 ARGS = [
@@ -38,9 +40,16 @@ def _main(workdir, *extra):
 
 def test_two_processes_equal_one_process(tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  subprocess.run(_main(single), env=_env(8), check=True, timeout=600, capture_output=True)
+  corpus = prepare_corpus(CorpusSource(input_files=str(sample_text_path())), "",
+                          str(tmp_path / "prepared"),
+                          PrepareOptions(max_seq_length=32, dupe_factor=2, shard_size_mb=0.015,
+                                         num_workers=0))
+  assert len(corpus.shards) == 3
+  data = f"--config.data.prepared_dir={corpus.directory}"
+  subprocess.run(_main(single, data), env=_env(8), check=True, timeout=600, capture_output=True)
   address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(_main(multi, f"--coordinator_address={address}",
+  procs = [subprocess.Popen(_main(multi, data, "--config.data.num_workers=1",
+                                  f"--coordinator_address={address}",
                                   "--num_processes=2", f"--process_id={i}"),
                             env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(2)]

@@ -41,29 +41,83 @@ def example_rng(seed: int, stream: int, *indices: int) -> np.random.Generator:
 # Sentence-pair instances.
 
 @dataclasses.dataclass(frozen=True)
+class TokenizedDocuments:
+    """Tokenised documents stored flat: sentence s is `tokens[sentence_offsets[s]:
+    sentence_offsets[s + 1]]`, and document d holds sentences `document_offsets[d]` to
+    `document_offsets[d + 1] - 1`, so a run of a document's sentences is one contiguous slice."""
+    tokens: np.ndarray            # int32 [T]
+    sentence_offsets: np.ndarray  # int64 [S + 1]
+    document_offsets: np.ndarray  # int64 [D + 1]
+
+    @classmethod
+    def from_lists(cls, documents: Sequence[TokenizedDocument]) -> "TokenizedDocuments":
+        """From documents given as lists of token-id lists (empty sentences/documents dropped)."""
+        sentences = [s for doc in documents for s in doc if len(s)]
+        per_doc = [sum(1 for s in doc if len(s)) for doc in documents]
+        return cls.from_sentences(sentences, [n for n in per_doc if n])
+
+    @classmethod
+    def from_sentences(cls, sentences: Sequence[Sequence[int]], sentences_per_document:
+                       Sequence[int]) -> "TokenizedDocuments":
+        """From non-empty sentences in document order and the sentence count of each document."""
+        lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+        sentence_offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=sentence_offsets[1:])
+        tokens = (np.concatenate([np.asarray(s, dtype=np.int32) for s in sentences])
+                  if sentences else np.zeros(0, np.int32))
+        document_offsets = np.zeros(len(sentences_per_document) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(sentences_per_document, dtype=np.int64), out=document_offsets[1:])
+        return cls(tokens, sentence_offsets, document_offsets)
+
+    def __len__(self) -> int:
+        return len(self.document_offsets) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
+
+    def span(self, first: int, stop: int) -> tuple[int, int]:
+        """Token range [lo, hi) of sentences first..stop-1 (global sentence indices)."""
+        return int(self.sentence_offsets[first]), int(self.sentence_offsets[stop])
+
+
+@dataclasses.dataclass(frozen=True)
 class Instance:
     """One NSP pair before special tokens: `is_random_next` is the NSP label (1 = random B)."""
-    tokens_a: list[int]
-    tokens_b: list[int]
+    tokens_a: np.ndarray
+    tokens_b: np.ndarray
     is_random_next: int
 
 
-def truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int,
-                      rng: np.random.Generator) -> None:
-    """Truncates the longer segment, one token at a time from a random end, in place."""
-    while len(tokens_a) + len(tokens_b) > max_num_tokens:
-        longer = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b
-        if len(longer) <= 1:
+def truncate_seq_pair(len_a: int, len_b: int, max_num_tokens: int, rng: np.random.Generator
+                      ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """BERT's truncation of a segment pair to `max_num_tokens`: one token at a time from the
+    longer segment (B on a tie), from its front or back with probability 1/2 each.
+
+    Returns ((front_a, back_a), (front_b, back_b)), the tokens to drop at each end.
+    """
+    excess = len_a + len_b - max_num_tokens
+    trims = [[0, 0], [0, 0]]
+    if excess <= 0:
+        return (0, 0), (0, 0)
+    lengths = [len_a, len_b]
+    for u in rng.random(excess):
+        longer = 0 if lengths[0] > lengths[1] else 1
+        if lengths[longer] <= 1:
             raise ValueError(f"cannot fit a segment pair into {max_num_tokens} tokens")
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
+        trims[longer][0 if u < 0.5 else 1] += 1
+        lengths[longer] -= 1
+    return tuple(trims[0]), tuple(trims[1])
 
 
-def create_instances_from_document(documents: Sequence[TokenizedDocument], document_index: int,
-                                   max_seq_length: int, short_seq_prob: float,
-                                   rng: np.random.Generator) -> list[Instance]:
+def _trimmed(tokens: np.ndarray, lo: int, hi: int, trim: tuple[int, int]) -> np.ndarray:
+    return tokens[lo + trim[0]:hi - trim[1]]
+
+
+def create_instances_from_document(documents: TokenizedDocuments | Sequence[TokenizedDocument],
+                                   document_index: int, max_seq_length: int,
+                                   short_seq_prob: float, rng: np.random.Generator
+                                   ) -> list[Instance]:
     """Packs one document's sentences into NSP sentence pairs (BERT's algorithm).
 
     Sentences are accumulated into a chunk until it reaches the target length
@@ -77,105 +131,91 @@ def create_instances_from_document(documents: Sequence[TokenizedDocument], docum
     (a final lone sentence is paired with the sentence before it), so the label is a fair coin
     except for one-sentence documents. Needs at least 2 documents.
     """
+    if not isinstance(documents, TokenizedDocuments):
+        documents = TokenizedDocuments.from_lists(documents)
     if len(documents) < 2:
         raise ValueError(f"next-sentence pairs need at least 2 documents, got {len(documents)}")
     if max_seq_length < 5:
         raise ValueError(f"max_seq_length={max_seq_length} is too small: [CLS] A [SEP] B [SEP] "
                          "needs at least 5")
-    document = documents[document_index]
+    tokens, offsets = documents.tokens, documents.sentence_offsets
+    first = int(documents.document_offsets[document_index])
+    last = int(documents.document_offsets[document_index + 1]) - 1
     max_num_tokens = max_seq_length - 3
     target = max_num_tokens
     if rng.random() < short_seq_prob:
         target = int(rng.integers(2, max_num_tokens + 1))
 
     instances: list[Instance] = []
-    chunk: list[Sequence[int]] = []
-    chunk_len = 0
-    i = 0
-    last = len(document) - 1
+    chunk_start = first  # the chunk is sentences chunk_start..i
+    i = first
     while i <= last:
-        chunk.append(document[i])
-        chunk_len += len(document[i])
-        if i == last or (chunk_len >= target and len(chunk) >= 2):
-            borrowed = len(chunk) == 1 and i > 0
+        chunk_len = int(offsets[i + 1] - offsets[chunk_start])
+        n_chunk = i - chunk_start + 1
+        if i == last or (chunk_len >= target and n_chunk >= 2):
+            borrowed = n_chunk == 1 and i > first
             if borrowed:  # give a lone last sentence a true predecessor
-                chunk.insert(0, document[i - 1])
-            a_end = 1 if len(chunk) < 2 else int(rng.integers(1, len(chunk)))
-            tokens_a = [t for sent in chunk[:a_end] for t in sent]
-            if len(chunk) == 1 or rng.random() < 0.5:
+                chunk_start -= 1
+                n_chunk = 2
+            a_end = 1 if n_chunk < 2 else int(rng.integers(1, n_chunk))
+            a_lo, a_hi = documents.span(chunk_start, chunk_start + a_end)
+            if n_chunk == 1 or rng.random() < 0.5:
                 is_random_next = 1
-                target_b = max(1, target - len(tokens_a))
+                target_b = max(1, target - (a_hi - a_lo))
                 other = int(rng.integers(len(documents) - 1))
                 other += other >= document_index  # uniform over the other documents
-                random_doc = documents[other]
-                tokens_b: list[int] = []
-                for j in range(int(rng.integers(len(random_doc))), len(random_doc)):
-                    tokens_b.extend(random_doc[j])
-                    if len(tokens_b) >= target_b:
-                        break
+                o_first = int(documents.document_offsets[other])
+                o_stop = int(documents.document_offsets[other + 1])
+                j = o_first + int(rng.integers(o_stop - o_first))
+                b_lo = int(offsets[j])
+                while j < o_stop and offsets[j + 1] - b_lo < target_b:
+                    j += 1
+                b_hi = int(offsets[min(j + 1, o_stop)])
                 if not borrowed:
-                    i -= len(chunk) - a_end  # the unused sentences start the next chunk
+                    i -= n_chunk - a_end  # the unused sentences start the next chunk
             else:
                 is_random_next = 0
-                tokens_b = [t for sent in chunk[a_end:] for t in sent]
-            if tokens_a and tokens_b:
-                truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-                instances.append(Instance(tokens_a, tokens_b, is_random_next))
-            chunk = []
-            chunk_len = 0
+                b_lo, b_hi = documents.span(chunk_start + a_end, chunk_start + n_chunk)
+            if a_hi > a_lo and b_hi > b_lo:
+                trim_a, trim_b = truncate_seq_pair(a_hi - a_lo, b_hi - b_lo, max_num_tokens, rng)
+                instances.append(Instance(_trimmed(tokens, a_lo, a_hi, trim_a),
+                                          _trimmed(tokens, b_lo, b_hi, trim_b), is_random_next))
+            chunk_start = i + 1
         i += 1
     return instances
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedInstances:
-    """Instances stored ragged: sequence n is `tokens[offsets[n]:offsets[n + 1]]`, already
-    `[CLS] A [SEP] B [SEP]`; its first `len_a[n]` tokens ([CLS] A [SEP]) have token type 0."""
-    tokens: np.ndarray          # int32 [T]
-    offsets: np.ndarray         # int64 [N + 1]
-    len_a: np.ndarray           # int32 [N]
-    next_sentence_labels: np.ndarray  # int32 [N]
-
-    def __len__(self) -> int:
-        return len(self.len_a)
-
-    def sequence(self, n: int) -> np.ndarray:
-        """The token ids of instance n (unpadded)."""
-        return self.tokens[self.offsets[n]:self.offsets[n + 1]]
+def instance_sequence(instance: Instance, cls_id: int, sep_id: int) -> tuple[np.ndarray, int]:
+    """`[CLS] A [SEP] B [SEP]` as int32 ids, and the length of its first segment ([CLS] A [SEP])."""
+    a, b = instance.tokens_a, instance.tokens_b
+    seq = np.empty(len(a) + len(b) + 3, dtype=np.int32)
+    seq[0] = cls_id
+    seq[1:len(a) + 1] = a
+    seq[len(a) + 1] = sep_id
+    seq[len(a) + 2:-1] = b
+    seq[-1] = sep_id
+    return seq, len(a) + 2
 
 
-def pack_instances(instances: Sequence[Instance], cls_id: int, sep_id: int) -> PackedInstances:
-    """Adds [CLS]/[SEP] and stores the instances compactly."""
-    seqs, len_a = [], []
-    for inst in instances:
-        seqs.append([cls_id, *inst.tokens_a, sep_id, *inst.tokens_b, sep_id])
-        len_a.append(len(inst.tokens_a) + 2)
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
-    return PackedInstances(tokens=tokens, offsets=offsets, len_a=np.array(len_a, dtype=np.int32),
-                           next_sentence_labels=np.array([i.is_random_next for i in instances],
-                                                         dtype=np.int32))
-
-
-def create_instances(documents: Sequence[TokenizedDocument], max_seq_length: int,
-                     short_seq_prob: float, dupe_factor: int, seed: int, cls_id: int,
-                     sep_id: int) -> PackedInstances:
+def create_instances(documents: TokenizedDocuments | Sequence[TokenizedDocument],
+                     max_seq_length: int, short_seq_prob: float, dupe_factor: int,
+                     seed: int | Sequence[int]) -> list[Instance]:
     """All instances of `dupe_factor` passes over the documents (each pass segments differently).
 
-    Document d of pass p uses the generator `example_rng(seed, STREAM_INSTANCES, p, d)`, so the
-    result is a deterministic function of the inputs. Order: pass-major, then document order.
+    Document d of pass p uses the generator `example_rng(seed, STREAM_INSTANCES, *rest, p, d)`
+    for `seed` an int or a tuple (seed, *rest) such as (seed, shard), so the result is a
+    deterministic function of the inputs. Order: pass-major, then document order.
     """
+    if not isinstance(documents, TokenizedDocuments):
+        documents = TokenizedDocuments.from_lists(documents)
+    seeds = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)
     instances: list[Instance] = []
     for p in range(dupe_factor):
         for d in range(len(documents)):
-            rng = example_rng(seed, STREAM_INSTANCES, p, d)
+            rng = example_rng(seeds[0], STREAM_INSTANCES, *seeds[1:], p, d)
             instances.extend(create_instances_from_document(documents, d, max_seq_length,
                                                             short_seq_prob, rng))
-    if not instances:
-        raise ValueError("the documents produced no pretraining instances")
-    return pack_instances(instances, cls_id, sep_id)
+    return instances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,15 +306,17 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, cfg: MaskingConfig
 # ---------------------------------------------------------------------------------------------
 # Batches.
 
-def make_batch(packed: PackedInstances, indices: Sequence[int], rngs: Sequence[np.random.Generator],
-               max_seq_length: int, cfg: MaskingConfig, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Masks and pads instances `indices` (one generator each) into a batch dict of numpy arrays.
+def make_batch(sequences: Sequence[tuple[np.ndarray, int, int]],
+               rngs: Sequence[np.random.Generator], max_seq_length: int, cfg: MaskingConfig,
+               pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Masks and pads sequences into a batch dict of numpy arrays, one generator each.
 
+    Each sequence is (ids `[CLS] A [SEP] B [SEP]`, length of `[CLS] A [SEP]`, NSP label).
     Keys/dtypes: input_ids, attention_mask, token_type_ids int32 [B, L]; masked_lm_positions,
     masked_lm_ids int32 [B, P]; masked_lm_weights float32 [B, P]; next_sentence_labels int32 [B].
     Padding slots hold position 0, id 0 and weight 0.
     """
-    b, length, p = len(indices), max_seq_length, cfg.max_predictions_per_seq
+    b, length, p = len(sequences), max_seq_length, cfg.max_predictions_per_seq
     batch = {
         "input_ids": np.full((b, length), pad_id, dtype=np.int32),
         "attention_mask": np.zeros((b, length), dtype=np.int32),
@@ -284,17 +326,16 @@ def make_batch(packed: PackedInstances, indices: Sequence[int], rngs: Sequence[n
         "masked_lm_weights": np.zeros((b, p), dtype=np.float32),
         "next_sentence_labels": np.zeros((b,), dtype=np.int32),
     }
-    for row, (n, rng) in enumerate(zip(indices, rngs)):
-        seq = packed.sequence(int(n))
+    for row, ((seq, len_a, label), rng) in enumerate(zip(sequences, rngs)):
         if seq.size > length:
-            raise ValueError(f"instance {n} has {seq.size} tokens > max_seq_length={length}")
+            raise ValueError(f"a sequence of {seq.size} tokens exceeds max_seq_length={length}")
         masked, positions, labels = mask_tokens(seq, rng, cfg)
         k = positions.size
         batch["input_ids"][row, :seq.size] = masked
         batch["attention_mask"][row, :seq.size] = 1
-        batch["token_type_ids"][row, packed.len_a[n]:seq.size] = 1
+        batch["token_type_ids"][row, len_a:seq.size] = 1
         batch["masked_lm_positions"][row, :k] = positions
         batch["masked_lm_ids"][row, :k] = labels
         batch["masked_lm_weights"][row, :k] = 1.0
-        batch["next_sentence_labels"][row] = packed.next_sentence_labels[n]
+        batch["next_sentence_labels"][row] = label
     return batch

@@ -1,82 +1,194 @@
-"""Where pretraining text comes from: local text files or a prepared tensorflow-datasets builder.
+"""Where pretraining text comes from: text files, JSON lines or a prepared tensorflow-datasets builder.
 
-A *document* is a list of sentences (strings). Text files follow BERT's convention: one sentence
-per line, a blank line between documents. `tokenize_documents` turns documents into lists of
-per-sentence token-id lists, the input of `pretraining.create_instances`.
+A *document* is a list of sentences (strings), or its running text (a string that
+`split_sentences` splits later, in the worker that tokenises it). Text files follow BERT's
+convention: one sentence per line, a blank line between documents. JSON-lines files hold one
+document per line, an object whose `text_key` field is the document's running text. Every reader
+streams: memory is bounded by the largest document, whatever the corpus size.
+
+Paths may be local or remote (`gs://bucket/...`): files are opened and globbed through
+`etils.epath`. Bytes that are not UTF-8 are replaced by U+FFFD and counted per file in a
+`DecodeErrors` tally, which the preparation writes into its manifest.
 """
 from __future__ import annotations
 
+import collections
 import glob
+import json
 import os
 import re
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 Document = list[str]
 TokenizedDocument = list[list[int]]
+TEXT_FORMATS = ("text", "jsonl")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_REPLACEMENT = "\ufffd"
 
 
-def expand_paths(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expands file paths and glob patterns (sorted per pattern, first occurrence kept).
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def epath_of(path: str | os.PathLike):
+    """An `etils.epath.Path` for a local or remote path (user home expanded for local ones)."""
+    from etils import epath
+    path = os.fspath(path)
+    return epath.Path(path if is_remote(path) else os.path.expanduser(path))
+
+
+def split_patterns(patterns) -> list[str]:
+    """Paths/globs from a string (comma-separated, as given on a command line) or a sequence."""
+    if isinstance(patterns, os.PathLike):
+        patterns = [os.fspath(patterns)]
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    out = [os.fspath(p).strip() for p in patterns]
+    return [p for p in out if p]
+
+
+def _glob(pattern: str) -> list[str]:
+    if not is_remote(pattern):
+        return sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+    # Remote: glob below the longest directory prefix that holds no wildcard.
+    first = _GLOB_CHARS.search(pattern).start()
+    base = pattern[:pattern.rfind("/", 0, first) + 1]
+    return sorted(os.fspath(p) for p in epath_of(base).glob(pattern[len(base):])
+                  if not p.is_dir())
+
+
+def expand_paths(patterns) -> list[str]:
+    """Expands file paths and glob patterns, local or remote (sorted per pattern, first
+    occurrence kept). A string may hold several, comma-separated.
 
     Raises FileNotFoundError naming the path for a missing file or a glob that matches nothing.
     """
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
+    patterns = split_patterns(patterns)
     if not patterns:
         raise ValueError("no input files given (an empty list of paths/patterns)")
-    out: list[Path] = []
+    out: list[str] = []
     for pattern in patterns:
-        pattern = os.path.expanduser(os.fspath(pattern))
+        pattern = pattern if is_remote(pattern) else os.path.expanduser(pattern)
         if _GLOB_CHARS.search(pattern):
-            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            matches = _glob(pattern)
             if not matches:
                 raise FileNotFoundError(f"input glob {pattern!r} matches no files")
         else:
-            if not os.path.isfile(pattern):
-                what = "is a directory, not a file" if os.path.isdir(pattern) else "does not exist"
+            path = epath_of(pattern)
+            if not path.is_file():
+                what = "is a directory, not a file" if path.is_dir() else "does not exist"
                 raise FileNotFoundError(f"input file {pattern!r} {what}")
             matches = [pattern]
         for m in matches:
-            path = Path(m)
-            if path not in out:
-                out.append(path)
+            if m not in out:
+                out.append(m)
     return out
 
 
-def parse_documents(lines: Iterable[str]) -> list[Document]:
+def input_format(path: str, declared: str = "auto") -> str:
+    """"text" or "jsonl" for a file: `declared`, or by extension (.jsonl/.json: JSON lines)."""
+    if declared != "auto":
+        if declared not in TEXT_FORMATS:
+            raise ValueError(f"input format {declared!r} is not one of {('auto',) + TEXT_FORMATS}")
+        return declared
+    return "jsonl" if path.lower().endswith((".jsonl", ".json")) else "text"
+
+
+class DecodeErrors(collections.Counter):
+    """Per file, how many undecodable byte sequences were replaced by U+FFFD."""
+
+
+def decode_line(raw: bytes, path: str, errors: DecodeErrors | None) -> str:
+    """UTF-8 text of one line; undecodable bytes are replaced and counted against `path`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        if errors is not None:
+            errors[path] += text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode("utf-8"))
+        return text
+
+
+def _lines(path: str, errors: DecodeErrors | None) -> Iterator[str]:
+    with epath_of(path).open("rb") as f:
+        for raw in f:
+            yield decode_line(raw, path, errors)
+
+
+def parse_documents(lines: Iterable[str]) -> Iterator[Document]:
     """Groups lines into documents: one sentence per line, blank line(s) between documents."""
-    docs: list[Document] = []
     current: Document = []
     for line in lines:
         line = line.strip()
         if line:
             current.append(line)
         elif current:
-            docs.append(current)
+            yield current
             current = []
     if current:
-        docs.append(current)
-    return docs
+        yield current
 
 
-def read_text_documents(patterns: str | os.PathLike | Sequence[str | os.PathLike]
-                        ) -> list[Document]:
-    """Reads documents from text files / globs (BERT format). A file ends its last document.
+def iter_text_documents(path: str, errors: DecodeErrors | None = None) -> Iterator[Document]:
+    """Streams the documents of one BERT-format text file (its end ends its last document).
+
+    Raises ValueError naming the file if it holds no text.
+    """
+    empty = True
+    for doc in parse_documents(_lines(path, errors)):
+        empty = False
+        yield doc
+    if empty:
+        raise ValueError(f"input file {path!r} is empty (no non-blank lines)")
+
+
+def iter_jsonl_documents(path: str, text_key: str = "text",
+                         errors: DecodeErrors | None = None) -> Iterator[str]:
+    """Streams the documents of a JSON-lines file: field `text_key` of each object, as running
+    text (blank texts are skipped). Errors name the file, the line and the key."""
+    empty = True
+    for number, line in enumerate(_lines(path, errors), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"input file {path!r} line {number} is not JSON: {e}") from e
+        if not isinstance(record, dict) or text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise KeyError(f"input file {path!r} line {number} has no field {text_key!r} "
+                           f"(it has {keys}); set the text key to the field holding the text")
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise ValueError(f"input file {path!r} line {number}: field {text_key!r} is a "
+                             f"{type(text).__name__}, not text")
+        if text.strip():
+            empty = False
+            yield text
+    if empty:
+        raise ValueError(f"input file {path!r} is empty (no line with text in field "
+                         f"{text_key!r})")
+
+
+def iter_file_documents(paths: Sequence[str], fmt: str = "auto", text_key: str = "text",
+                        errors: DecodeErrors | None = None):
+    """Streams the documents of every file in order (each file read by its format)."""
+    for path in paths:
+        if input_format(path, fmt) == "jsonl":
+            yield from iter_jsonl_documents(path, text_key, errors)
+        else:
+            yield from iter_text_documents(path, errors)
+
+
+def read_text_documents(patterns) -> list[Document]:
+    """Reads every document of BERT-format text files / globs into memory (small corpora).
 
     Raises FileNotFoundError for missing files and globs matching nothing, and ValueError naming
     the file for a file that holds no text.
     """
-    docs: list[Document] = []
-    for path in expand_paths(patterns):
-        with open(path, encoding="utf-8") as f:
-            file_docs = parse_documents(f)
-        if not file_docs:
-            raise ValueError(f"input file {str(path)!r} is empty (no non-blank lines)")
-        docs.extend(file_docs)
-    return docs
+    return [doc for path in expand_paths(patterns) for doc in iter_text_documents(path)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,15 +235,8 @@ def split_sentences(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets.
 
-def read_tfds_documents(name: str, data_dir: str | os.PathLike, split: str = "train",
-                        text_key: str = "text", max_documents: int | None = None
-                        ) -> list[Document]:
-    """Reads articles from an already-prepared tfds builder and splits them into sentences.
-
-    Never downloads: `data_dir` must hold the prepared dataset (e.g. after running
-    `tfds build wikipedia/20230601.en --data_dir=...` elsewhere). Each example's `text_key`
-    feature is one document; empty articles are skipped.
-    """
+def tfds_builder(name: str, data_dir: str | os.PathLike):
+    """The prepared tfds builder `name` in `data_dir` (local or gs://); never downloads."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -139,34 +244,57 @@ def read_tfds_documents(name: str, data_dir: str | os.PathLike, split: str = "tr
             f"reading tfds dataset {name!r} needs tensorflow-datasets, which is not installed; "
             "install it with `pip install 'mobilebert_jax[tfds]'` (tensorflow-datasets and "
             "tensorflow-cpu), or use local text files instead") from e
-    if data_dir is None or not os.path.isdir(os.fspath(data_dir)):
+    if not data_dir or not epath_of(data_dir).is_dir():
         raise FileNotFoundError(f"tfds data_dir {data_dir!r} for dataset {name!r} does not exist")
-    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    data_dir = os.fspath(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
     prepared_dir = os.fspath(builder.data_dir)
-    if not os.path.isfile(os.path.join(prepared_dir, "dataset_info.json")):
+    if not (epath_of(prepared_dir) / "dataset_info.json").is_file():
         raise FileNotFoundError(
-            f"tfds dataset {name!r} is not prepared in data_dir {os.fspath(data_dir)!r} (no "
+            f"tfds dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
             f"dataset_info.json in {prepared_dir!r}); prepare it first, this pipeline never "
             "downloads")
+    return tfds, builder
+
+
+def iter_tfds_documents(name: str, data_dir: str | os.PathLike, split: str = "train",
+                        text_key: str = "text", max_documents: int | None = None
+                        ) -> Iterator[str]:
+    """Streams the articles of a prepared tfds builder as running text (one per document).
+
+    `data_dir` may be local or gs://, and must hold the prepared dataset (e.g. after `tfds build
+    wikipedia/20230601.en --data_dir=...` elsewhere). Each example's `text_key` feature is one
+    document; empty articles are skipped. Raises ValueError if the split yields no text.
+    """
+    tfds, builder = tfds_builder(name, data_dir)
     features = builder.info.features
     if text_key not in features:
         raise KeyError(f"tfds dataset {name!r} has no feature {text_key!r}; it has "
                        f"{sorted(features.keys())}")
     ds = builder.as_dataset(split=split, shuffle_files=False)
-    docs: list[Document] = []
+    count = 0
     for example in tfds.as_numpy(ds):
         text = example[text_key]
         if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        sentences = split_sentences(str(text))
-        if sentences:
-            docs.append(sentences)
-        if max_documents is not None and len(docs) >= max_documents:
-            break
-    if not docs:
+            text = text.decode("utf-8", errors="replace")
+        if str(text).strip():
+            count += 1
+            yield str(text)
+            if max_documents is not None and count >= max_documents:
+                return
+    if not count:
         raise ValueError(f"tfds dataset {name!r} split {split!r} in {os.fspath(data_dir)!r} "
                          f"yielded no text in feature {text_key!r}")
-    return docs
+
+
+def read_tfds_documents(name: str, data_dir: str | os.PathLike, split: str = "train",
+                        text_key: str = "text", max_documents: int | None = None
+                        ) -> list[Document]:
+    """Reads articles of a prepared tfds builder into memory, split into sentences (small
+    samples; see `iter_tfds_documents`)."""
+    docs = (split_sentences(text) for text in
+            iter_tfds_documents(name, data_dir, split, text_key, max_documents))
+    return [d for d in docs if d]
 
 
 # ---------------------------------------------------------------------------------------------

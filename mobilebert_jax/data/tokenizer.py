@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import collections
 import os
-from pathlib import Path
+import tempfile
+
+from mobilebert_jax.data.sources import epath_of
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def resolve_vocab_path(vocab_path_or_dir: str | os.PathLike) -> Path:
-    """Returns the vocab.txt (preferred) or tokenizer.json named by a file or directory path."""
-    path = Path(os.path.expanduser(os.fspath(vocab_path_or_dir)))
+def resolve_vocab_path(vocab_path_or_dir: str | os.PathLike):
+    """Returns the vocab.txt (preferred) or tokenizer.json named by a file or directory path
+    (local or remote, as an `etils.epath.Path`)."""
+    path = epath_of(vocab_path_or_dir)
     if path.is_dir():
         for name in ("vocab.txt", "tokenizer.json"):
             if (path / name).is_file():
@@ -25,7 +28,7 @@ def resolve_vocab_path(vocab_path_or_dir: str | os.PathLike) -> Path:
 def read_vocab(vocab_file: str | os.PathLike) -> "collections.OrderedDict[str, int]":
     """Reads a BERT vocab.txt (one token per line, line number = id)."""
     vocab: collections.OrderedDict[str, int] = collections.OrderedDict()
-    with open(vocab_file, encoding="utf-8") as f:
+    with epath_of(vocab_file).open("r", encoding="utf-8") as f:
         for i, line in enumerate(f):
             token = line.rstrip("\n").rstrip("\r")
             if not token.strip():
@@ -50,7 +53,11 @@ def load_tokenizer(vocab_path_or_dir: str | os.PathLike, do_lower_case: bool = T
 
     path = resolve_vocab_path(vocab_path_or_dir)
     if path.name.endswith(".json"):
-        tokenizer = BertTokenizerFast(tokenizer_file=str(path), do_lower_case=do_lower_case)
+        with tempfile.TemporaryDirectory() as tmp:  # the file may be remote (gs://)
+            local = os.path.join(tmp, "tokenizer.json")
+            with open(local, "w", encoding="utf-8") as f:
+                f.write(path.read_text(encoding="utf-8"))
+            tokenizer = BertTokenizerFast(tokenizer_file=local, do_lower_case=do_lower_case)
         vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     else:
         # NB: transformers 5 silently ignores `vocab_file=`; pass the vocab itself. (It would also

@@ -427,10 +427,10 @@ class ProxyScorer:
     stage.optimizer.warmup_steps = min(steps, int(round(warmup * steps / full_steps)))
     if self.corpus is not None:
       c.data.input_files = self.corpus
-    if c.data.get("input_files", None):  # text files take precedence over tfds_name
-      c.data.tfds_name = None
-      if "max_documents" in c.data:
-        c.data.max_documents = None
+    if c.data.get("input_files", ""):  # text files take precedence over tfds_name
+      c.data.update(dict(tfds_name="", max_documents=0, prepared_dir="", require_prepared=False))
+    # Every mapping's run reads the same corpus, prepared once for the whole search.
+    c.data.cache_dir = c.data.get("cache_dir", "") or os.path.join(self.workdir, "prepared_data")
     return c
 
   def finetune_config(self, student_dir: str, task: str,
@@ -465,12 +465,18 @@ class ProxyScorer:
       return path
     from mobilebert_jax import data as data_lib
     cfg = self.config.data
-    if cfg.get("tfds_name", None) and not cfg.get("input_files", None):
+    if not cfg.get("input_files", "") and not cfg.get("tfds_name", "") and \
+        cfg.get("prepared_dir", ""):
+      raise ValueError("config.proxy.corpus_documents samples documents from the raw corpus, "
+                       "but the config names only data.prepared_dir: set data.input_files or "
+                       "data.tfds_name too, or proxy.corpus_documents=0 to distil on the "
+                       "prepared data")
+    if cfg.get("tfds_name", "") and not cfg.get("input_files", ""):
       docs = data_lib.read_tfds_documents(
           cfg.tfds_name, cfg.get("tfds_data_dir", ""), cfg.get("tfds_split", "train"),
           cfg.get("tfds_text_key", "text"), max_documents=n)
     else:
-      docs = data_lib.read_text_documents(cfg.get("input_files", None)
+      docs = data_lib.read_text_documents(cfg.get("input_files", "")
                                           or str(data_lib.sample_text_path()))
       if n < len(docs):
         rng = np.random.default_rng(int(self.config.get("seed", 0)))

@@ -30,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mobilebert_jax import pretrained
-from mobilebert_jax.data import PretrainingDataset, prefetch_to_device
+from mobilebert_jax.data import DataConfig, PretrainingDataset, ensure_prepared, prefetch_to_device
 from mobilebert_jax.distill import strategies
 from mobilebert_jax.models import ModelConfig, build_model, get_preset
 from mobilebert_jax.parallel import sharding
@@ -49,6 +49,7 @@ RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "
 DOWNSTREAM_STRATEGIES = ("finetune", "squad", "task_intermediate", "task_prediction", "kdlsq")
 GLUE_STRATEGIES = ("finetune", "task_intermediate", "task_prediction", "kdlsq")
 EVALUATED_STRATEGIES = ("finetune", "squad", "task_prediction", "kdlsq")
+PREPARED_DATA_DIR = "prepared_data"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -283,6 +284,7 @@ class Trainer:
     self.latest: dict[str, dict | None] = {"teacher": None, "student": None}
     self.heads = {"teacher": "pretraining", "student": "pretraining"}  # head of `latest`
     self.latest_aux: dict[str, dict] = {"teacher": {}, "student": {}}  # e.g. LSQ steps
+    self._prepared_dir: str | None = None
     self._check_inputs()
 
   # -- checks before any compute ------------------------------------------------
@@ -419,15 +421,27 @@ class Trainer:
           max_seq_length=int(data.max_seq_length), batch_size=int(data.batch_size),
           seed=int(data.get("seed", 0)) + index, process_index=jax.process_index(),
           process_count=jax.process_count(), augment=self.augmenter(name))
-    data = self.config.data.to_dict()
-    data["seed"] = int(data.get("seed", 0)) + index
-    if not data.get("vocab_path"):
-      data.pop("vocab_path", None)
-    if not data.get("input_files") and not data.get("tfds_name"):
-      from mobilebert_jax.data import sample_text_path
-      data["input_files"] = str(sample_text_path())
+    data = dict(self.config.data.to_dict(), prepared_dir=self.prepared_data_dir())
+    data["seed"] = int(data.get("seed", 0)) + index  # each stage its own order and masks
     return PretrainingDataset(data, process_index=jax.process_index(),
                               process_count=jax.process_count())
+
+  def prepared_data_dir(self) -> str:
+    """The prepared pretraining data: config.data.prepared_dir, or the configured corpus
+    prepared once into the workdir (`data.cache_dir`, default `workdir/prepared_data/`) and
+    reused by every stage and rerun. Process 0 prepares first; the others then reuse its
+    directory on a shared filesystem, or prepare the same one locally."""
+    if self._prepared_dir is None:
+      cfg = DataConfig.from_any(self.config.data)
+      cache = os.path.join(self.workdir, PREPARED_DATA_DIR)
+      if jax.process_count() > 1 and not cfg.prepared_dir:
+        from jax.experimental import multihost_utils
+        path = ensure_prepared(cfg, cache) if self.primary else None
+        multihost_utils.sync_global_devices("mobilebert_jax: data prepared")
+        self._prepared_dir = path or ensure_prepared(cfg, cache)
+      else:
+        self._prepared_dir = ensure_prepared(cfg, cache)
+    return self._prepared_dir
 
   # -- stages -------------------------------------------------------------------
 
@@ -674,6 +688,8 @@ class Trainer:
       checkpointer.wait_until_finished()
     finally:
       prefetcher.close()
+      if hasattr(dataset, "close"):  # stops grain's worker processes
+        dataset.close()
       self.writer.flush()
     return state
 
