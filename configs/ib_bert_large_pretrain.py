@@ -1,10 +1,11 @@
 """Reference teacher run: IB-BERT-large pretrained with MLM + NSP (MobileBERT paper).
 
-500k steps at batch 4096 with LAMB on 256 TPU v3 chips in the paper. Point the data at a prepared
-tensorflow-datasets directory (or text files) and the BERT uncased vocab:
+500k steps at batch 4096 with LAMB on 256 TPU v3 chips in the paper. Prepare the corpus once with
+the BERT uncased vocab (`python -m mobilebert_jax.data.prepare --input=... --vocab=VOCAB
+--output=gs://B/prepared/wiki_books_512 --max_seq_length=512`), then:
 
   python -m mobilebert_jax.main --config=configs/ib_bert_large_pretrain.py --workdir=gs://B/ibbert \
-    --config.data.tfds_data_dir=gs://B/tfds --config.data.vocab_path=/path/to/vocab.txt
+    --config.data.prepared_dir=gs://B/prepared/wiki_books_512 --config.data.vocab_path=VOCAB
 """
 
 import ml_collections

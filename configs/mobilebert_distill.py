@@ -2,7 +2,8 @@
 
 DESIGN.md section 3: lr 1.5e-3, 10k warm-up, batch 2048, seq 512, 20 predictions per sequence,
 240k layer-wise steps then 500k PD steps, LAMB, checkpoint every 10k steps. Needs a trained
-IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face).
+IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face) and the corpus prepared
+once at sequence length 512 (`--config.data.prepared_dir=DIR`, see `mobilebert_jax.data.prepare`).
 """
 
 import ml_collections

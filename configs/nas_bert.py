@@ -8,7 +8,8 @@ architectures of different parameter budgets are written to `<workdir>/architect
 
 `--config=configs/nas_bert.py:full` follows the paper's search space: a 24-layer supernet in 4
 blocks against a BERT-base teacher (`--config.teacher_checkpoint=DIR`, e.g. a Hugging Face
-bert-base-uncased directory, with `--config.data.vocab_path=DIR`), hidden sizes
+bert-base-uncased directory, with `--config.data.vocab_path=DIR` and the corpus prepared once at
+length 128 with that vocab, `--config.data.prepared_dir=PREPARED`), hidden sizes
 128/192/256/384/512, attention with 2/4/8 heads, FFN 512/1024/2048/3072, separable convolution
 3/5/7 and identity, and budgets of 5M/10M/30M/60M parameters. Measure the latency table on the
 device you deploy to and pass it with `--config.nas.latency_table=PATH` (otherwise the search

@@ -2,7 +2,9 @@
 
 Embedding + attention-score + hidden MSE with learned projections (312 -> 768) and the uniform
 layer mapping; the teacher is a pretrained (not fine-tuned) BERT-base, e.g. a Hugging Face
-directory: --config.teacher_checkpoint=/path/to/bert-base-uncased --config.data.vocab_path=same.
+directory: --config.teacher_checkpoint=/path/to/bert-base-uncased --config.data.vocab_path=same,
+and the corpus prepared once at length 128 with that vocab: --config.data.prepared_dir=DIR
+(`python -m mobilebert_jax.data.prepare --vocab=same --max_seq_length=128 ...`).
 """
 
 import ml_collections

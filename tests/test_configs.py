@@ -1,6 +1,7 @@
 """Every shipped config loads through the CLI flag machinery and validates before any compute."""
 
 import os
+import sys
 
 import pytest
 from absl import flags
@@ -72,3 +73,25 @@ def test_reference_distillation_hyper_parameters():
       100.0, 5000.0, 5.0)
   assert (config.pd.alpha, config.pd.temperature) == (0.5, 1.0)
 
+
+
+DATA_CONFIGS = ("demo.py", "ib_bert_large_pretrain.py", "mobilebert_distill.py",
+                "mobilebert_tiny_distill.py", "tinybert_general_distill.py", "nas_bert.py",
+                "etd_distill.py", "layer_mapping_search.py")
+
+
+@pytest.mark.parametrize("name", DATA_CONFIGS)
+def test_data_sources_override_from_the_command_line(name, monkeypatch):
+  values = flags.FlagValues()
+  path = os.path.join(CONFIG_DIR, name)
+  config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True)
+  argv = ["prog", f"--config={path}", "--config.data.input_files=a.txt,b/*.txt",
+          "--config.data.prepared_dir=gs://bucket/prepared", "--config.data.num_workers=2",
+          "--config.data.tfds_name=wiki", "--config.data.require_prepared=False"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+  values(argv)
+  data = values.config.data
+  assert (data.input_files, data.prepared_dir, data.num_workers, data.tfds_name) == (
+      "a.txt,b/*.txt", "gs://bucket/prepared", 2, "wiki")
+  full_size = name not in ("demo.py", "layer_mapping_search.py", "nas_bert.py")  # nas: tiny
+  assert load(name).data.require_prepared == full_size

@@ -269,3 +269,44 @@ def test_remote_globs_and_vocab(fake_bucket):
     assert len(tok) == len(load_tokenizer(sample_vocab_path()))
     with pytest.raises(FileNotFoundError, match="gs://bucket/text/c.txt"):
         sources.expand_paths("gs://bucket/text/c.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation on the fly (the trainer's path for small corpora).
+
+def test_ensure_prepared_caches_by_parameters(tmp_path, monkeypatch):
+    from mobilebert_jax.data.pipeline import DataConfig
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(sample_text_path().read_bytes())
+    cfg = DataConfig(input_files=str(corpus), max_seq_length=64)
+    first = prepare.ensure_prepared(cfg, str(tmp_path / "cache"))
+    calls = []
+    real = prepare.prepare_shard
+    monkeypatch.setattr(prepare, "prepare_shard",
+                        lambda *a: calls.append(a[0]) or real(*a))
+    assert prepare.ensure_prepared(cfg, str(tmp_path / "cache")) == first and calls == []
+    corpus.write_bytes(sample_text_path().read_bytes() + b"\nOne more document.\nIt is new.\n")
+    second = prepare.ensure_prepared(cfg, str(tmp_path / "cache"))
+    assert second != first and calls == [0]
+    with pytest.raises(ValueError, match="--config.data.prepared_dir=DIR"):
+        prepare.ensure_prepared(DataConfig(require_prepared=True), str(tmp_path / "cache"))
+
+
+def test_trainer_prepares_once_for_every_stage_and_rerun(tmp_path, monkeypatch):
+    from mobilebert_jax import default_config
+    from mobilebert_jax.training.trainer import Trainer
+    calls = []
+    real = prepare.prepare_shard
+    monkeypatch.setattr(prepare, "prepare_shard", lambda *a: calls.append(a[0]) or real(*a))
+    c = default_config.get_config()
+    c.stages = "teacher_pretrain,pd"
+    c.data.update(dict(max_seq_length=32, max_predictions_per_seq=5, batch_size=8))
+    c.checkpoint.async_save = False
+    for name in ("teacher_pretrain", "pd"):
+        c[name].num_steps = 2
+        c[name].optimizer.warmup_steps = 1
+    Trainer(c, str(tmp_path)).run()
+    c.pd.num_steps = 3  # a rerun that trains further
+    Trainer(c, str(tmp_path)).run()
+    assert calls == [0]
+    assert len(os.listdir(tmp_path / "prepared_data")) == 1

@@ -202,17 +202,17 @@ def create_instances(documents: TokenizedDocuments | Sequence[TokenizedDocument]
                      seed: int | Sequence[int]) -> list[Instance]:
     """All instances of `dupe_factor` passes over the documents (each pass segments differently).
 
-    Document d of pass p uses the generator `example_rng(seed, STREAM_INSTANCES, *rest, p, d)`
-    for `seed` an int or a tuple (seed, *rest) such as (seed, shard), so the result is a
-    deterministic function of the inputs. Order: pass-major, then document order.
+    Pass p draws from the generator `example_rng(seed, STREAM_INSTANCES, *rest, p)`, document
+    after document, for `seed` an int or a tuple (seed, *rest) such as (seed, shard), so the
+    result is a deterministic function of the inputs. Order: pass-major, then document order.
     """
     if not isinstance(documents, TokenizedDocuments):
         documents = TokenizedDocuments.from_lists(documents)
     seeds = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)
     instances: list[Instance] = []
     for p in range(dupe_factor):
+        rng = example_rng(seeds[0], STREAM_INSTANCES, *seeds[1:], p)
         for d in range(len(documents)):
-            rng = example_rng(seeds[0], STREAM_INSTANCES, *seeds[1:], p, d)
             instances.extend(create_instances_from_document(documents, d, max_seq_length,
                                                             short_seq_prob, rng))
     return instances

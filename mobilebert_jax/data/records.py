@@ -177,9 +177,13 @@ class Manifest:
 
     def verify_shards(self) -> None:
         """Raises PreparedDataError naming the first shard that is missing or of the wrong size
-        (a cheap check of every shard; the records' own checksums catch damage on read)."""
-        for info, path in zip(self.shards, self.shard_paths()):
-            problem = shard_problem(path, int(info["size_bytes"]))
+        (one stat per shard, 32 at a time; the records' own checksums catch damage on read)."""
+        from concurrent.futures import ThreadPoolExecutor
+        paths = self.shard_paths()
+        sizes = [int(info["size_bytes"]) for info in self.shards]
+        with ThreadPoolExecutor(max(1, min(32, len(paths)))) as pool:  # remote stats are slow
+            problems = list(pool.map(shard_problem, paths, sizes))
+        for path, problem in zip(paths, problems):
             if problem:
                 raise PreparedDataError(f"prepared shard {path} {problem}; rerun the same prepare "
                                         "command to rebuild it (the other shards are kept)")
@@ -220,8 +224,9 @@ class PreparedRecords:
         shards = sorted({self.shard_of(i) for i in indices})
         return PreparedDataError(
             f"reading record(s) {list(indices)[:4]} failed in prepared shard(s) {shards}: "
-            f"{type(error).__name__}: {error}; the shard is damaged: rerun the same prepare "
-            "command to rebuild it")
+            f"{type(error).__name__}: {error}; the shard is damaged: delete it and rerun the "
+            "same prepare command (for data the trainer prepared, the training command) to "
+            "rebuild it")
 
     def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int, int]]:
         """Decoded records (ids, len_a, label) at global `indices`."""

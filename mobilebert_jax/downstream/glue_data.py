@@ -169,7 +169,7 @@ def read_tfds(task: str | GlueTask, split: str, data_dir: str | os.PathLike
     raise KeyError(f"GLUE task {task.name!r} has no split {split!r}; valid splits: "
                    f"{sorted(task.tfds_splits)}")
   tfds = _import_tfds()
-  if data_dir is None or not os.path.isdir(os.fspath(data_dir)):
+  if not data_dir or not epath.Path(os.fspath(data_dir)).is_dir():  # local or gs://
     raise FileNotFoundError(f"tfds data_dir {data_dir!r} for GLUE task {task.name!r} does not "
                             "exist")
   builder, tfds_split = task.tfds_splits[split]
