@@ -20,6 +20,9 @@ setup(
         "safetensors",
         "tokenizers",
         "transformers>=4.40",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "etils[epath]",
         "tensorboardX",
     ],
     extras_require={

@@ -318,7 +318,10 @@ class PretrainingDataset:
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags (defaults outside an app)
             flags.FLAGS.mark_as_parsed()
         ds = grain.MapDataset.range(self._step, self._stop_step()).map(self.builder)
-        it = ds.to_iter_dataset()
+        # One element is a whole batch: grain's default read-ahead (16 threads, 500 elements)
+        # would hold hundreds of batches and fight over the GIL. Batches are built in order, in
+        # this process or in each worker; the prefetch to devices overlaps them with the step.
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=1))
         if self.config.num_workers > 0:
             it = it.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=int(self.config.num_workers),
