@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -84,13 +85,16 @@ class CorpusSource:
             return None
         return sum(sources.epath_of(f).stat().length for f in self.files())
 
-    def documents(self, errors: sources.DecodeErrors) -> Iterator[list[str] | str]:
-        """Documents in corpus order: sentence lists (text files) or running text."""
+    def raw_documents(self) -> Iterator[sources.RawDocument]:
+        """Documents in corpus order, undecoded (see `sources.iter_raw_documents`)."""
         if self.tfds_name:
-            return sources.iter_tfds_documents(self.tfds_name, self.tfds_data_dir,
-                                               self.tfds_split, self.text_key,
-                                               self.max_documents or None)
-        return sources.iter_file_documents(self.files(), self.input_format, self.text_key, errors)
+            for text in sources.iter_tfds_documents(self.tfds_name, self.tfds_data_dir,
+                                                    self.tfds_split, self.text_key,
+                                                    self.max_documents or None):
+                yield sources.RawDocument(None, "running", text)
+            return
+        for path in self.files():
+            yield from sources.iter_raw_documents(path, self.input_format)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +169,7 @@ class _ShardJob:
     seed: int
     digest: str
     parallel_tokenizer: bool
+    text_key: str = "text"
 
 
 _tokenizers: dict[str, Any] = {}
@@ -182,7 +187,8 @@ def _tokenizer(job: _ShardJob):
 def tokenize_chunk(documents: Sequence[list[str] | str], tokenizer
                    ) -> tuple[pretraining.TokenizedDocuments, int]:
     """Tokenises documents (sentence lists, or running text split by `split_sentences`) into
-    the flat layout; returns it and the number of sentences read."""
+    the flat layout (empty sentences and documents dropped); returns it and the number of
+    sentences read. Ids go to numpy batch by batch, never held as Python lists."""
     sentences: list[str] = []
     per_doc: list[int] = []
     for doc in documents:
@@ -190,18 +196,23 @@ def tokenize_chunk(documents: Sequence[list[str] | str], tokenizer
         sentences.extend(doc_sentences)
         per_doc.append(len(doc_sentences))
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    ids: list[list[int]] = []
+    tokens, lengths = [], []
     for i in range(0, len(sentences), SENTENCE_BATCH):
-        ids.extend(e.ids for e in encode(sentences[i:i + SENTENCE_BATCH],
-                                          add_special_tokens=False))
-    kept, kept_per_doc, pos = [], [], 0
-    for n in per_doc:
-        doc_ids = [s for s in ids[pos:pos + n] if s]
-        pos += n
-        if doc_ids:
-            kept.extend(doc_ids)
-            kept_per_doc.append(len(doc_ids))
-    return pretraining.TokenizedDocuments.from_sentences(kept, kept_per_doc), len(sentences)
+        ids = [e.ids for e in encode(sentences[i:i + SENTENCE_BATCH], add_special_tokens=False)]
+        lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+        tokens.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    kept = lengths > 0
+    kept_per_doc = np.zeros(len(per_doc), dtype=np.int64)
+    np.add.at(kept_per_doc, np.repeat(np.arange(len(per_doc)), per_doc), kept)
+    sentence_offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
+    np.cumsum(lengths[kept], out=sentence_offsets[1:])
+    kept_per_doc = kept_per_doc[kept_per_doc > 0]
+    document_offsets = np.zeros(len(kept_per_doc) + 1, dtype=np.int64)
+    np.cumsum(kept_per_doc, out=document_offsets[1:])
+    return (pretraining.TokenizedDocuments(tokens, sentence_offsets, document_offsets),
+            len(sentences))
 
 
 def _write_shard(path: str, payloads: Sequence[bytes]) -> int:
@@ -230,13 +241,17 @@ def _write_shard(path: str, payloads: Sequence[bytes]) -> int:
     return size
 
 
-def prepare_shard(index: int, documents: Sequence[list[str] | str], job: _ShardJob) -> dict:
-    """Tokenises, packs and writes shard `index`, then its info file; returns the info."""
+def prepare_shard(index: int, raw: Sequence[sources.RawDocument], job: _ShardJob) -> dict:
+    """Decodes, tokenises, packs and writes shard `index`, then its info file; returns the info
+    (counts, size, undecodable bytes per input file)."""
     start = time.perf_counter()
+    errors = sources.DecodeErrors()
+    documents = list(sources.decode_documents(raw, job.text_key, errors))
     docs, num_sentences = tokenize_chunk(documents, _tokenizer(job))
     if len(docs) < 2:
-        raise ValueError(f"shard {index}: its documents hold {len(docs)} non-empty document(s) "
-                         "after tokenisation; next-sentence pairs need at least 2")
+        files = sorted({d.path for d in raw if d.path})
+        raise ValueError(f"shard {index} (from {files or 'tfds'}) holds {len(docs)} non-empty "
+                         "document(s) after tokenisation; next-sentence pairs need at least 2")
     instances = pretraining.create_instances(docs, job.max_seq_length, job.short_seq_prob,
                                              job.dupe_factor, (job.seed, index))
     dtype = records.token_dtype(job.vocab.size)
@@ -249,7 +264,7 @@ def prepare_shard(index: int, documents: Sequence[list[str] | str], job: _ShardJ
     info = {"file": records.shard_name(index), "num_records": len(payloads),
             "num_tokens": int(docs.tokens.size), "num_documents": len(docs),
             "num_sentences": num_sentences, "size_bytes": size, "digest": job.digest,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "decode_errors": dict(errors), "seconds": round(time.perf_counter() - start, 3)}
     records.write_json(root / records.shard_info_name(index), info)
     return info
 
@@ -277,30 +292,27 @@ def finished_shard(output_dir: str, index: int, digest: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # The corpus.
 
-def _document_chars(doc: list[str] | str) -> int:
-    return len(doc) if isinstance(doc, str) else sum(len(s) + 1 for s in doc)
-
-
-def chunk_documents(documents, chunk_chars: int) -> Iterator[tuple[list, int]]:
-    """Cuts the document stream into chunks of >= `chunk_chars` characters and >= 2 documents
-    (a last chunk of one document joins the chunk before it); yields (chunk, its characters)."""
+def chunk_documents(documents: Iterator[sources.RawDocument], chunk_bytes: int
+                    ) -> Iterator[tuple[list, int]]:
+    """Cuts the document stream into chunks of >= `chunk_bytes` and >= 2 documents (a last
+    chunk of one document joins the chunk before it); yields (chunk, its size)."""
     previous: tuple[list, int] | None = None
     chunk: list = []
-    chars = 0
+    size = 0
     for doc in documents:
         chunk.append(doc)
-        chars += _document_chars(doc)
-        if chars >= chunk_chars and len(chunk) >= 2:
+        size += len(doc.data)
+        if size >= chunk_bytes and len(chunk) >= 2:
             if previous is not None:
                 yield previous
-            previous, chunk, chars = (chunk, chars), [], 0
+            previous, chunk, size = (chunk, size), [], 0
     if chunk:
         if previous is not None and len(chunk) < 2:
-            previous = (previous[0] + chunk, previous[1] + chars)
+            previous = (previous[0] + chunk, previous[1] + size)
         else:
             if previous is not None:
                 yield previous
-            previous = (chunk, chars)
+            previous = (chunk, size)
     if previous is not None:
         yield previous
 
@@ -308,13 +320,13 @@ def chunk_documents(documents, chunk_chars: int) -> Iterator[tuple[list, int]]:
 class _Progress:
     """Logs shards, documents, tokens, tokens/s and (for files) the fraction read and ETA."""
 
-    def __init__(self, total_chars: int | None, every_s: float):
-        self.total, self.every = total_chars, every_s
+    def __init__(self, total_bytes: int | None, every_s: float):
+        self.total, self.every = total_bytes, every_s
         self.start = self.last = time.perf_counter()
-        self.chars = self.shards = self.docs = self.tokens = self.records = 0
+        self.bytes = self.shards = self.docs = self.tokens = self.records = 0
 
-    def add(self, info: dict, chars: int) -> None:
-        self.chars += chars
+    def add(self, info: dict, size: int) -> None:
+        self.bytes += size
         self.shards += 1
         self.docs += int(info["num_documents"])
         self.tokens += int(info["num_tokens"])
@@ -327,7 +339,7 @@ class _Progress:
         rate = self.tokens / max(now - self.start, 1e-9)
         where = ""
         if self.total:
-            done = min(self.chars / self.total, 1.0)
+            done = min(self.bytes / self.total, 1.0)
             eta = (now - self.start) * (1 - done) / max(done, 1e-9)
             where = f", {100 * done:.1f}% of the input, ETA {eta / 60:.1f} min"
         log.info("prepare: %d shards, %d documents, %d tokens, %d sequences, %.0f tokens/s%s",
@@ -381,15 +393,14 @@ def prepare_corpus(source: CorpusSource, vocab, output_dir: str,
                 log.warning("prepare: %s", e)
     _start_params(output_dir, params)
 
-    chunk_chars = int(options.shard_size_mb * 2**20)
+    chunk_bytes = int(options.shard_size_mb * 2**20)
     total = source.total_bytes()
     workers = options.num_workers
     if workers is None:
-        workers = (os.cpu_count() or 1) if total is None or total > chunk_chars else 0
+        workers = (os.cpu_count() or 1) if total is None or total > chunk_bytes else 0
     job = _ShardJob(vocab, output_dir, int(options.max_seq_length), float(options.short_seq_prob),
                     int(options.dupe_factor), int(options.seed), digest,
-                    parallel_tokenizer=workers <= 1)
-    errors = sources.DecodeErrors()
+                    parallel_tokenizer=workers <= 1, text_key=source.text_key)
     progress = _Progress(total, log_every_s)
     infos: dict[int, dict] = {}
     start = time.perf_counter()
@@ -397,7 +408,7 @@ def prepare_corpus(source: CorpusSource, vocab, output_dir: str,
     log.info("prepare: %s -> %s (%s worker process(es), shards of ~%g MB of text)", what,
              output_dir, workers or "no", options.shard_size_mb)
 
-    chunks = enumerate(chunk_documents(source.documents(errors), chunk_chars))
+    chunks = enumerate(chunk_documents(source.raw_documents(), chunk_bytes))
     if workers <= 1:
         for index, (docs, chars) in chunks:
             info = finished_shard(output_dir, index, digest) or prepare_shard(index, docs, job)
@@ -426,6 +437,9 @@ def prepare_corpus(source: CorpusSource, vocab, output_dir: str,
     if not infos:
         raise ValueError(f"the corpus {params['source']} holds no documents")
     shards = [infos[i] for i in range(len(infos))]
+    errors = sources.DecodeErrors()
+    for info in shards:
+        errors.update(info.pop("decode_errors", {}))
     seconds = time.perf_counter() - start
     tokens = sum(int(s["num_tokens"]) for s in shards)
     manifest = records.Manifest(

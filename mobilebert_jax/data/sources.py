@@ -3,8 +3,10 @@
 A *document* is a list of sentences (strings), or its running text (a string that
 `split_sentences` splits later, in the worker that tokenises it). Text files follow BERT's
 convention: one sentence per line, a blank line between documents. JSON-lines files hold one
-document per line, an object whose `text_key` field is the document's running text. Every reader
-streams: memory is bounded by the largest document, whatever the corpus size.
+document per line, an object whose `text_key` field is the document's running text. Reading is
+split in two: `iter_raw_documents` streams a file's documents as raw bytes (cutting only at
+document boundaries: the cheap, serial part), and `decode_documents` decodes and parses them (in
+the preparation's worker processes). Memory is bounded by the largest document.
 
 Paths may be local or remote (`gs://bucket/...`): files are opened and globbed through
 `etils.epath`. Bytes that are not UTF-8 are replaced by U+FFFD and counted per file in a
@@ -13,11 +15,12 @@ Paths may be local or remote (`gs://bucket/...`): files are opened and globbed t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import json
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 Document = list[str]
 TokenizedDocument = list[list[int]]
@@ -111,75 +114,85 @@ def decode_line(raw: bytes, path: str, errors: DecodeErrors | None) -> str:
         return text
 
 
-def _lines(path: str, errors: DecodeErrors | None) -> Iterator[str]:
-    with epath_of(path).open("rb") as f:
-        for raw in f:
-            yield decode_line(raw, path, errors)
+@dataclasses.dataclass(frozen=True)
+class RawDocument:
+    """One document as read, before decoding: the bytes of a text file's document (its lines,
+    each ending in a newline) or of one JSON line, with the file and its first line number; or,
+    from tfds, the running text itself (`path` None)."""
+    path: str | None
+    format: str            # "text", "jsonl" or "running"
+    data: bytes | str
+    line: int = 0
 
 
-def parse_documents(lines: Iterable[str]) -> Iterator[Document]:
-    """Groups lines into documents: one sentence per line, blank line(s) between documents."""
-    current: Document = []
-    for line in lines:
-        line = line.strip()
-        if line:
-            current.append(line)
-        elif current:
-            yield current
-            current = []
-    if current:
-        yield current
-
-
-def iter_text_documents(path: str, errors: DecodeErrors | None = None) -> Iterator[Document]:
-    """Streams the documents of one BERT-format text file (its end ends its last document).
+def iter_raw_documents(path: str, fmt: str = "auto") -> Iterator[RawDocument]:
+    """Streams the documents of one file as raw bytes, cut at document boundaries only (blank
+    lines in text files, lines in JSON-lines files): the cheap, serial part of reading, leaving
+    decoding and parsing to `decode_documents` (in parallel workers).
 
     Raises ValueError naming the file if it holds no text.
     """
+    fmt = input_format(path, fmt)
     empty = True
-    for doc in parse_documents(_lines(path, errors)):
-        empty = False
-        yield doc
+    lines: list[bytes] = []
+    first = 0
+    with epath_of(path).open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                raw += b"\n"
+            if not raw.strip():
+                if lines:
+                    yield RawDocument(path, fmt, b"".join(lines), first)
+                    lines = []
+                continue
+            empty = False
+            if fmt == "jsonl":
+                yield RawDocument(path, fmt, raw, number)
+                continue
+            if not lines:
+                first = number
+            lines.append(raw)
+    if lines:
+        yield RawDocument(path, fmt, b"".join(lines), first)
     if empty:
         raise ValueError(f"input file {path!r} is empty (no non-blank lines)")
 
 
-def iter_jsonl_documents(path: str, text_key: str = "text",
-                         errors: DecodeErrors | None = None) -> Iterator[str]:
-    """Streams the documents of a JSON-lines file: field `text_key` of each object, as running
-    text (blank texts are skipped). Errors name the file, the line and the key."""
-    empty = True
-    for number, line in enumerate(_lines(path, errors), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"input file {path!r} line {number} is not JSON: {e}") from e
-        if not isinstance(record, dict) or text_key not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise KeyError(f"input file {path!r} line {number} has no field {text_key!r} "
-                           f"(it has {keys}); set the text key to the field holding the text")
-        text = record[text_key]
-        if not isinstance(text, str):
-            raise ValueError(f"input file {path!r} line {number}: field {text_key!r} is a "
-                             f"{type(text).__name__}, not text")
-        if text.strip():
-            empty = False
-            yield text
-    if empty:
-        raise ValueError(f"input file {path!r} is empty (no line with text in field "
-                         f"{text_key!r})")
+def _json_text(raw: bytes, path: str, number: int, text_key: str,
+               errors: DecodeErrors | None) -> str:
+    try:
+        record = json.loads(decode_line(raw, path, errors))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"input file {path!r} line {number} is not JSON: {e}") from e
+    if not isinstance(record, dict) or text_key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise KeyError(f"input file {path!r} line {number} has no field {text_key!r} "
+                       f"(it has {keys}); set the text key to the field holding the text")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise ValueError(f"input file {path!r} line {number}: field {text_key!r} is a "
+                         f"{type(text).__name__}, not text")
+    return text
 
 
-def iter_file_documents(paths: Sequence[str], fmt: str = "auto", text_key: str = "text",
-                        errors: DecodeErrors | None = None):
-    """Streams the documents of every file in order (each file read by its format)."""
-    for path in paths:
-        if input_format(path, fmt) == "jsonl":
-            yield from iter_jsonl_documents(path, text_key, errors)
+def decode_documents(raw: Sequence[RawDocument], text_key: str = "text",
+                     errors: DecodeErrors | None = None) -> Iterator[Document | str]:
+    """Decodes raw documents: text-file documents into sentence lists (one per line), JSON
+    lines into the running text of field `text_key` (blank texts skipped). Undecodable bytes are
+    replaced and counted in `errors`; JSON errors name the file, the line and the key."""
+    for doc in raw:
+        if doc.format == "running":
+            yield doc.data
+        elif doc.format == "jsonl":
+            text = _json_text(doc.data, doc.path, doc.line, text_key, errors)
+            if text.strip():
+                yield text
         else:
-            yield from iter_text_documents(path, errors)
+            sentences = [line.strip() for line in
+                         (decode_line(r, doc.path, errors) for r in doc.data.split(b"\n"))]
+            sentences = [s for s in sentences if s]
+            if sentences:
+                yield sentences
 
 
 def read_text_documents(patterns) -> list[Document]:
@@ -188,7 +201,8 @@ def read_text_documents(patterns) -> list[Document]:
     Raises FileNotFoundError for missing files and globs matching nothing, and ValueError naming
     the file for a file that holds no text.
     """
-    return [doc for path in expand_paths(patterns) for doc in iter_text_documents(path)]
+    return [doc for path in expand_paths(patterns)
+            for doc in decode_documents(list(iter_raw_documents(path, "text")))]
 
 
 # ---------------------------------------------------------------------------------------------
