@@ -65,7 +65,7 @@ class DataConfig:
     max_seq_length: int = 128
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
-    shard_size_mb: float = 16.0
+    shard_size_mb: float = 8.0
     prepare_workers: int = -1
     max_predictions_per_seq: int = 20
     masked_lm_prob: float = 0.15

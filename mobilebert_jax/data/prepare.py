@@ -1,7 +1,7 @@
 """Prepare a pretraining corpus once: sharded array_record files of NSP sentence pairs + manifest.
 
     python -m mobilebert_jax.data.prepare --input='corpus/*.txt' --vocab=VOCAB --output=DIR \
-        --max_seq_length=128 [--dupe_factor=5 --num_workers=8 --shard_size_mb=16]
+        --max_seq_length=128 [--dupe_factor=5 --num_workers=8 --shard_size_mb=8]
 
 Inputs: BERT-format text files or globs (one sentence per line, blank line between documents),
 JSON-lines files (`--text_key`, default "text", holding a document's running text; chosen by a
@@ -106,7 +106,7 @@ class PrepareOptions:
     dupe_factor: int = 1
     seed: int = 0
     do_lower_case: bool = True
-    shard_size_mb: float = 16.0
+    shard_size_mb: float = 8.0
     num_workers: int | None = None
 
     def validate(self) -> None:
@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> records.Manifest:
     p.add_argument("--dupe_factor", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--do_lower_case", default="true", choices=("true", "false"))
-    p.add_argument("--shard_size_mb", type=float, default=16.0)
+    p.add_argument("--shard_size_mb", type=float, default=8.0)
     p.add_argument("--num_workers", type=int, default=None,
                    help="worker processes (default: one per core)")
     p.add_argument("--log_every_s", type=float, default=30.0)

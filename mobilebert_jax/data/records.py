@@ -4,7 +4,8 @@ A prepared directory (local or `gs://`) holds
 
   manifest.json              what was prepared from what (see `Manifest`); written last, so its
                              presence means the preparation is complete
-  shard-00000.array_record   the shard's records, written with `group_size:1` for random access
+  shard-00000.array_record   the shard's records, written with `group_size:1` (random access),
+                             uncompressed
   shard-00000.json           the shard's counts, written once the shard is complete (resuming)
   prepare.json               the preparation's parameters, written first (resuming)
 
@@ -29,7 +30,7 @@ from mobilebert_jax.data.sources import epath_of
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PARAMS_FILE = "prepare.json"
-WRITER_OPTIONS = "group_size:1"
+WRITER_OPTIONS = "group_size:1,uncompressed"  # ~250-byte records gain nothing from zstd
 
 
 class PreparedDataError(ValueError):
