@@ -21,6 +21,7 @@ def tiny_config(stages="teacher_pretrain,pkt,pd", steps=(8, 8, 8), **mesh):
   c.data.max_predictions_per_seq = 5
   c.data.batch_size = 8
   c.data.dupe_factor = 1
+  c.data.shard_size_mb = 0.015  # the shipped corpus prepared into 3 shards
   c.log_every_steps = 1
   c.checkpoint.save_every_steps = 4
   c.checkpoint.keep = 5
