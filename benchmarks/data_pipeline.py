@@ -75,6 +75,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.reporting import write_report
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Smoke run: corpora of 4 and 16 MB, 4 MB shards, one start-up "
                   "run per corpus, 3 s per loader case (overrides --sizes_mb, --shard_size_mb, "
@@ -908,12 +910,7 @@ def main(argv):
   report["wall_s"] = round(time.perf_counter() - run_start, 1)
   print_report(report)
   if FLAGS.out:
-    directory = os.path.dirname(FLAGS.out)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {FLAGS.out} ({report['wall_s']:.0f}s)")
+    write_report(FLAGS.out, report)
 
 
 if __name__ == "__main__":

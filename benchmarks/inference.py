@@ -18,7 +18,6 @@ before jax or torch is imported: `PJRT_NPROC` sizes XLA's CPU intra-op pool,
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import subprocess
@@ -26,6 +25,8 @@ import sys
 import time
 
 from absl import app, flags
+
+from benchmarks.reporting import write_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["mobilebert", "mobilebert_tiny", "bert_base"], "Presets to time.")
@@ -373,12 +374,7 @@ def main(argv):
       "wall_s": time.perf_counter() - start,
   }
   if FLAGS.output:
-    directory = os.path.dirname(FLAGS.output)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {FLAGS.output} ({report['wall_s']:.0f}s)")
+    write_report(FLAGS.output, report)
 
 
 if __name__ == "__main__":

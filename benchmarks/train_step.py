@@ -22,12 +22,13 @@ second / peak (given with --peak_tflops, or known for H100/H200 GPUs in bf16).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 
 from absl import app, flags
+
+from benchmarks.reporting import write_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["teacher_pretrain", "pkt", "pd", "tinybert"], "Stages to time.")
@@ -236,9 +237,7 @@ def main(argv):
       "results": results,
   }
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {FLAGS.output}")
+    write_report(FLAGS.output, report)
 
 
 if __name__ == "__main__":

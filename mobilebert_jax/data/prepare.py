@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -152,7 +153,6 @@ def preparation_params(source: CorpusSource, vocab: VocabInfo, options: PrepareO
 
 
 def params_digest(params: dict) -> str:
-    import json
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -317,6 +317,19 @@ def chunk_documents(documents: Iterator[sources.RawDocument], chunk_bytes: int
         yield previous
 
 
+class _InlineExecutor(futures.Executor):
+    """Runs each task at submission, in this process (a corpus of one shard needs no workers)."""
+
+    @staticmethod
+    def done(value) -> futures.Future:
+        future = futures.Future()
+        future.set_result(value)
+        return future
+
+    def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+        return self.done(fn(*args, **kwargs))
+
+
 class _Progress:
     """Logs shards, documents, tokens, tokens/s and (for files) the fraction read and ETA."""
 
@@ -366,7 +379,7 @@ def _start_params(output_dir: str, params: dict) -> None:
 
 def prepare_corpus(source: CorpusSource, vocab, output_dir: str,
                    options: PrepareOptions = PrepareOptions(), *, log_every_s: float = 30.0
-            ) -> records.Manifest:
+                   ) -> records.Manifest:
     """Prepares `source` into `output_dir` (local or gs://) and returns the manifest.
 
     `vocab`: a VocabInfo, or a vocab path (empty: the shipped demo vocab). Idempotent: a
@@ -408,32 +421,28 @@ def prepare_corpus(source: CorpusSource, vocab, output_dir: str,
     log.info("prepare: %s -> %s (%s worker process(es), shards of ~%g MB of text)", what,
              output_dir, workers or "no", options.shard_size_mb)
 
-    chunks = enumerate(chunk_documents(source.raw_documents(), chunk_bytes))
-    if workers <= 1:
-        for index, (docs, chars) in chunks:
-            info = finished_shard(output_dir, index, digest) or prepare_shard(index, docs, job)
-            infos[index] = info
-            progress.add(info, chars)
-    else:
-        context = multiprocessing.get_context("spawn")  # the caller may hold jax's threads
-        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            pending: collections.deque = collections.deque()
-            for index, (docs, chars) in chunks:
-                done = finished_shard(output_dir, index, digest)
-                if done is not None:
-                    infos[index] = done
-                    progress.add(done, chars)
-                    continue
-                pending.append((index, chars, pool.submit(prepare_shard, index, docs, job)))
-                del docs
-                while len(pending) > workers + 1:  # bounded memory: wait for the oldest
-                    i, c, fut = pending.popleft()
-                    infos[i] = fut.result()
-                    progress.add(infos[i], c)
-            while pending:
-                i, c, fut = pending.popleft()
-                infos[i] = fut.result()
-                progress.add(infos[i], c)
+    # Shards are collected in order, with at most `workers + 1` chunks in flight (none inline).
+    in_flight = workers + 1 if workers > 1 else 0
+    executor = (futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(
+        "spawn")) if workers > 1 else _InlineExecutor())  # spawn: the caller may run jax threads
+    pending: collections.deque = collections.deque()
+
+    def collect() -> None:
+        i, size, future = pending.popleft()
+        infos[i] = future.result()
+        progress.add(infos[i], size)
+
+    with executor as pool:
+        for index, (docs, size) in enumerate(chunk_documents(source.raw_documents(),
+                                                              chunk_bytes)):
+            done = finished_shard(output_dir, index, digest)
+            pending.append((index, size, _InlineExecutor.done(done) if done is not None
+                            else pool.submit(prepare_shard, index, docs, job)))
+            del docs
+            while len(pending) > in_flight:
+                collect()
+        while pending:
+            collect()
     if not infos:
         raise ValueError(f"the corpus {params['source']} holds no documents")
     shards = [infos[i] for i in range(len(infos))]

@@ -74,8 +74,6 @@ def read_json(path, what: str) -> dict:
     path = epath_of(path)
     try:
         value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PreparedDataError(f"{what} {os.fspath(path)} is not valid JSON ({e}); it is damaged: "
                                 "rerun the preparation to rewrite it") from e
