@@ -310,3 +310,34 @@ def test_trainer_prepares_once_for_every_stage_and_rerun(tmp_path, monkeypatch):
     Trainer(c, str(tmp_path)).run()
     assert calls == [0]
     assert len(os.listdir(tmp_path / "prepared_data")) == 1
+
+
+def test_full_disk_names_the_shard_and_a_rerun_goes_on(tmp_path, reference, monkeypatch):
+    from array_record.python import array_record_module
+    real = array_record_module.ArrayRecordWriter
+    written = []
+
+    class FillingDisk:
+        """Lets the first shard through, then fails as a full disk does."""
+
+        def __init__(self, path, options):
+            self.inner = real(path, options)
+            self.full = bool(written)
+            written.append(path)
+
+        def write(self, payload):
+            if self.full:
+                raise RuntimeError("write() failed: No space left on device")
+            self.inner.write(payload)
+
+        def close(self):
+            self.inner.close()
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FillingDisk)
+    with pytest.raises(OSError, match=rf"{tmp_path / records.shard_name(1)} failed .*No space "
+                                      r"left on device.*disk full"):
+        run(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [records.PARAMS_FILE, records.shard_name(0),
+                                            records.shard_info_name(0)]  # no partial file
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", real)
+    assert shard_bytes(run(tmp_path)) == shard_bytes(reference)

@@ -216,22 +216,32 @@ def tokenize_chunk(documents: Sequence[list[str] | str], tokenizer
 
 
 def _write_shard(path: str, payloads: Sequence[bytes]) -> int:
-    """Writes the records as an array_record file at a local or remote path; returns its size."""
+    """Writes the records as an array_record file at a local or remote path; returns its size.
+
+    The file appears whole or not at all (a temporary file of this process, then a rename or an
+    upload), so a crash, a full disk or a second preparation of the same directory never leaves
+    a partial shard under the shard's name.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
     remote = sources.is_remote(path)
     tmp_dir = tempfile.mkdtemp(prefix="mbj_shard_") if remote else None
-    local = (os.path.join(tmp_dir, os.path.basename(path)) if remote
-             else os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp"))
+    local = (os.path.join(tmp_dir, os.path.basename(path)) if remote else
+             os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp"))
     try:
-        writer = ArrayRecordWriter(local, records.WRITER_OPTIONS)
-        for payload in payloads:
-            writer.write(payload)
-        writer.close()
-        size = os.path.getsize(local)
-        if remote:
-            sources.epath_of(local).copy(sources.epath_of(path), overwrite=True)
-        else:
-            os.replace(local, path)
+        try:
+            writer = ArrayRecordWriter(local, records.WRITER_OPTIONS)
+            for payload in payloads:
+                writer.write(payload)
+            writer.close()
+            size = os.path.getsize(local)
+            if remote:
+                sources.epath_of(local).copy(sources.epath_of(path), overwrite=True)
+            else:
+                os.replace(local, path)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise OSError(f"writing prepared shard {path} failed ({type(e).__name__}: {e}); is "
+                          "the disk full? The shards already written are kept: rerun the same "
+                          "command to go on") from e
     finally:
         if remote:
             import shutil

@@ -91,7 +91,7 @@ def write_json(path, value: Mapping[str, Any]) -> None:
     if "://" in os.fspath(path):
         path.write_text(text)
         return
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text(text)
     os.replace(os.fspath(tmp), os.fspath(path))
 
