@@ -1,7 +1,8 @@
 """Entry point: `python -m mobilebert_jax.main --config=configs/X.py --workdir=DIR`.
 
-Any config value can be overridden (`--config.pd.num_steps=100`). Without --config the embedded
-default (configs/demo.py: a tiny teacher-to-student run on the shipped corpus) runs.
+Any config value can be overridden (`--config.pd.num_steps=100`); `--print_config` prints the
+resolved config and exits. Without --config the embedded default (configs/demo.py: a tiny
+teacher-to-student run on the shipped corpus) runs.
 Multi-host: on Cloud TPU pods `jax.distributed.initialize()` finds its peers; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
@@ -22,6 +23,8 @@ flags.DEFINE_string("workdir", "workdir/demo", "Directory for checkpoints, metri
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (file + overrides) and exit "
+                  "without training.")
 
 
 def initialize_distributed() -> None:
@@ -48,6 +51,9 @@ def on_cloud_tpu() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.print_config:
+    print(FLAGS.config)
+    return
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   # Orbax and absl log every checkpoint step at INFO; keep the console to this project's lines.
   absl_logging.set_verbosity(absl_logging.WARNING)

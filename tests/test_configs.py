@@ -95,3 +95,17 @@ def test_data_sources_override_from_the_command_line(name, monkeypatch):
       "a.txt,b/*.txt", "gs://bucket/prepared", 2, "wiki")
   full_size = name not in ("demo.py", "layer_mapping_search.py", "nas_bert.py")  # nas: tiny
   assert load(name).data.require_prepared == full_size
+
+
+def test_print_config_shows_the_resolved_config_and_trains_nothing(tmp_path):
+  import subprocess
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "mobilebert_jax.main", "--print_config", f"--workdir={workdir}",
+       "--config.pd.num_steps=7", "--config.data.input_files=corpus.txt"],
+      capture_output=True, text=True, timeout=120, check=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
+  assert "stages: teacher_pretrain,pkt,pd" in out and "input_files: corpus.txt" in out
+  pd_block = out[out.index("\npd:"):]
+  assert "num_steps: 7" in pd_block[:pd_block.index("\npkt:")]
+  assert not workdir.exists()
