@@ -178,6 +178,10 @@ def test_bad_inputs_fail_before_compute(tmp_path):
   c.student.num_layers = 3
   with pytest.raises(ValueError, match="equal num_layers"):
     Trainer(c, str(tmp_path))
+  c = tiny_config(data=4, fsdp=2, tensor=1)
+  c.data.batch_size = 12
+  with pytest.raises(ValueError, match=r"batch_size=12 does not split over .* 8 devices"):
+    Trainer(c, str(tmp_path))
 
 
 def test_teacher_checkpoint_of_wrong_shape(tmp_path):

@@ -274,6 +274,11 @@ class Trainer:
     self.dtype = DTYPES[config.get("dtype", "float32")]
     self.rules = tuple(config.get("logical_rules", None) or sharding.LOGICAL_RULES)
     self.mesh = sharding.create_mesh(dict(config.get("mesh", {})))
+    batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if int(config.data.batch_size) % batch_shards:
+      raise ValueError(f"config.data.batch_size={config.data.batch_size} does not split over the "
+                       f"mesh's data x fsdp = {batch_shards} devices (mesh "
+                       f"{dict(self.mesh.shape)}): use a multiple of {batch_shards}")
     self.primary = jax.process_index() == 0
     self.writer = MetricsWriter(self.workdir, enabled=self.primary)
     self.stop = _StopRequest()
