@@ -1,7 +1,7 @@
 """Reference MobileBERT distillation: PKT (24 layer-wise phases) then pretraining distillation.
 
-DESIGN.md section 3: lr 1.5e-3, 10k warm-up, batch 2048, seq 512, 20 predictions per sequence,
-240k layer-wise steps then 500k PD steps, LAMB, checkpoint every 10k steps. Needs a trained
+MobileBERT (Sun et al., 2020): lr 1.5e-3, 10k warm-up, batch 2048, seq 512, 20 predictions per
+sequence, 240k layer-wise steps then 500k PD steps, LAMB, checkpoint every 10k steps. Needs a trained
 IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face) and the corpus prepared
 once at sequence length 512 (`--config.data.prepared_dir=DIR`, see `mobilebert_jax.data.prepare`).
 """

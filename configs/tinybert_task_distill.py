@@ -6,8 +6,8 @@
 
 Intermediate-layer distillation (embedding + attention-score + hidden MSE with learned
 projections, uniform layer mapping), then prediction-layer distillation (soft cross-entropy at
-temperature 1) on the task's training data, optionally augmented (DESIGN.md section 4: p_t 0.4,
-N_a 20, K 15). Reference (TinyBERT): intermediate 10-20 epochs at lr 5e-5, prediction 3 epochs
+temperature 1) on the task's training data, optionally augmented (Jiao et al., 2020:
+p_t 0.4, N_a 20, K 15). Reference (TinyBERT): intermediate 10-20 epochs at lr 5e-5, prediction 3 epochs
 at lr 3e-5, batch 32, seq 128. The dev evaluation adds loyalty to the teacher.
 """
 

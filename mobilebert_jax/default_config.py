@@ -23,7 +23,7 @@ def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigD
 
 
 def transfer_factors(**extra) -> dict:
-  """MobileBERT's reference layer-wise transfer weights (DESIGN.md section 3)."""
+  """MobileBERT's reference layer-wise transfer weights (Sun et al., 2020)."""
   return dict(hidden_factor=100.0, beta_factor=5000.0, gamma_factor=5.0, attention_factor=1.0,
               **extra)
 

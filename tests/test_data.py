@@ -9,7 +9,8 @@ import pytest
 from mobilebert_jax.data import build_vocab, pretraining, sources
 from mobilebert_jax.data.paths import sample_text_path, sample_vocab_path
 from mobilebert_jax.data.pipeline import DataConfig, PretrainingDataset
-from mobilebert_jax.data.prepare import CorpusSource, PrepareOptions, prepare_corpus
+from mobilebert_jax.data.prepare import (CorpusSource, PrepareOptions, prepare_corpus,
+                                         tokenize_chunk)
 from mobilebert_jax.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -478,7 +479,7 @@ def test_shipped_vocab_and_corpus(tokenizer):
             tokenizer.sep_token_id, tokenizer.mask_token_id] == [0, 1, 2, 3, 4]
     docs = sources.read_text_documents(sample_text_path())
     assert 40 <= len(docs) <= 70 and all(8 <= len(d) <= 15 for d in docs)
-    ids = [t for d in sources.tokenize_documents(docs, tokenizer) for s in d for t in s]
+    ids = tokenize_chunk(docs, tokenizer.backend_tokenizer)[0].tokens.tolist()
     assert len(ids) > 5000 and ids.count(UNK) / len(ids) < 0.001
     other = "Seventeen quick zebras jumped over the lazy fox in 2024."
     assert UNK not in tokenizer(other, add_special_tokens=False)["input_ids"]

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from mobilebert_jax.data import pretraining, records
+from mobilebert_jax.data import prepare, pretraining, records
 from mobilebert_jax.data.paths import sample_vocab_path
 from mobilebert_jax.data.tokenizer import load_tokenizer
 
@@ -112,16 +112,14 @@ class DataConfig:
                              f"and tfds_name ({self.tfds_name!r})")
         if self.tfds_name and not self.tfds_data_dir:
             bad("tfds_data_dir", "required with tfds_name (the dir holding the prepared dataset)")
-        if not _is_int(self.max_seq_length) or self.max_seq_length < 5:
-            bad("max_seq_length", "must be an int >= 5 ([CLS] A [SEP] B [SEP])")
+        try:
+            self.prepare_options().validate()
+        except ValueError as e:
+            raise ValueError(f"data config {e}") from e
         if not _is_int(self.max_predictions_per_seq) or self.max_predictions_per_seq < 1:
             bad("max_predictions_per_seq", "must be an int >= 1")
         if not 0.0 < self.masked_lm_prob < 1.0:
             bad("masked_lm_prob", "must be in (0, 1)")
-        if not 0.0 <= self.short_seq_prob <= 1.0:
-            bad("short_seq_prob", "must be in [0, 1]")
-        if not _is_int(self.dupe_factor) or self.dupe_factor < 1:
-            bad("dupe_factor", "must be an int >= 1")
         if not _is_int(self.seed) or self.seed < 0:
             bad("seed", "must be a non-negative int")
         if not _is_int(self.batch_size) or self.batch_size < 1:
@@ -132,8 +130,15 @@ class DataConfig:
             bad("num_workers", "must be an int >= 0 (0: build batches in this process)")
         if not _is_int(self.worker_buffer_size) or self.worker_buffer_size < 1:
             bad("worker_buffer_size", "must be an int >= 1")
-        if self.shard_size_mb <= 0:
-            bad("shard_size_mb", "must be positive")
+
+    def prepare_options(self) -> prepare.PrepareOptions:
+        """How the trainer prepares this config's corpus on the fly (`prepare_workers` < 0:
+        automatic)."""
+        return prepare.PrepareOptions(
+            max_seq_length=self.max_seq_length, short_seq_prob=self.short_seq_prob,
+            dupe_factor=self.dupe_factor, seed=self.seed, do_lower_case=bool(self.do_lower_case),
+            shard_size_mb=self.shard_size_mb,
+            num_workers=None if self.prepare_workers < 0 else int(self.prepare_workers))
 
 
 def _is_int(x) -> bool:
@@ -249,6 +254,7 @@ class PretrainingDataset:
             "the config", f"; the config's vocab is {self.vocab_path}, the data was prepared "
             f"with {vocab_file}")
         self.manifest.verify_shards()
+        self.fingerprint = self.manifest.fingerprint  # stored with the iterator state
         self.source = records.PreparedRecords(self.manifest)
         self.num_examples = len(self.source)
         self.batches_per_epoch = self.num_examples // self.global_batch_size
@@ -266,11 +272,6 @@ class PretrainingDataset:
         self._iterator = None
         if state is not None:
             self.restore(state)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the prepared records (stored with the iterator state)."""
-        return self.manifest.fingerprint
 
     # -- checks --------------------------------------------------------------------------------
     def check_vocab_size(self, model_vocab_size: int) -> None:

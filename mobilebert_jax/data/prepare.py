@@ -201,18 +201,9 @@ def tokenize_chunk(documents: Sequence[list[str] | str], tokenizer
         ids = [e.ids for e in encode(sentences[i:i + SENTENCE_BATCH], add_special_tokens=False)]
         lengths.append(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
         tokens.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
-    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-    kept = lengths > 0
-    kept_per_doc = np.zeros(len(per_doc), dtype=np.int64)
-    np.add.at(kept_per_doc, np.repeat(np.arange(len(per_doc)), per_doc), kept)
-    sentence_offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
-    np.cumsum(lengths[kept], out=sentence_offsets[1:])
-    kept_per_doc = kept_per_doc[kept_per_doc > 0]
-    document_offsets = np.zeros(len(kept_per_doc) + 1, dtype=np.int64)
-    np.cumsum(kept_per_doc, out=document_offsets[1:])
-    return (pretraining.TokenizedDocuments(tokens, sentence_offsets, document_offsets),
-            len(sentences))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    return pretraining.TokenizedDocuments.from_lengths(tokens, lengths, per_doc), len(sentences)
 
 
 def _write_shard(path: str, payloads: Sequence[bytes]) -> int:
@@ -500,12 +491,7 @@ def ensure_prepared(cfg, default_cache_dir: str) -> str:
             "--output=DIR` (or set --config.data.require_prepared=False to prepare "
             "data.input_files / data.tfds_name on the fly, on one host)")
     source = source_from_config(cfg)
-    options = PrepareOptions(
-        max_seq_length=int(cfg.max_seq_length), short_seq_prob=float(cfg.short_seq_prob),
-        dupe_factor=int(cfg.dupe_factor), seed=int(cfg.seed),
-        do_lower_case=bool(cfg.do_lower_case), shard_size_mb=float(cfg.shard_size_mb),
-        num_workers=None if int(cfg.prepare_workers) < 0 else int(cfg.prepare_workers))
-    options.validate()
+    options = cfg.prepare_options()
     vocab = VocabInfo.load(cfg.vocab_path or sample_vocab_path(), options.do_lower_case)
     digest = params_digest(preparation_params(source, vocab, options))
     root = cfg.cache_dir or default_cache_dir

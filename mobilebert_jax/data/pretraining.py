@@ -52,22 +52,27 @@ class TokenizedDocuments:
     @classmethod
     def from_lists(cls, documents: Sequence[TokenizedDocument]) -> "TokenizedDocuments":
         """From documents given as lists of token-id lists (empty sentences/documents dropped)."""
-        sentences = [s for doc in documents for s in doc if len(s)]
-        per_doc = [sum(1 for s in doc if len(s)) for doc in documents]
-        return cls.from_sentences(sentences, [n for n in per_doc if n])
-
-    @classmethod
-    def from_sentences(cls, sentences: Sequence[Sequence[int]], sentences_per_document:
-                       Sequence[int]) -> "TokenizedDocuments":
-        """From non-empty sentences in document order and the sentence count of each document."""
-        lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-        sentence_offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=sentence_offsets[1:])
+        sentences = [s for doc in documents for s in doc]
         tokens = (np.concatenate([np.asarray(s, dtype=np.int32) for s in sentences])
                   if sentences else np.zeros(0, np.int32))
-        document_offsets = np.zeros(len(sentences_per_document) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(sentences_per_document, dtype=np.int64), out=document_offsets[1:])
-        return cls(tokens, sentence_offsets, document_offsets)
+        return cls.from_lengths(tokens, [len(s) for s in sentences], [len(d) for d in documents])
+
+    @classmethod
+    def from_lengths(cls, tokens: np.ndarray, sentence_lengths: Sequence[int],
+                     sentences_per_document: Sequence[int]) -> "TokenizedDocuments":
+        """From all sentences' tokens concatenated in document order, each sentence's length and
+        each document's sentence count; empty sentences and documents left empty are dropped."""
+        lengths = np.asarray(sentence_lengths, dtype=np.int64)
+        per_doc = np.asarray(sentences_per_document, dtype=np.int64)
+        kept = lengths > 0
+        kept_per_doc = np.zeros(len(per_doc), dtype=np.int64)
+        np.add.at(kept_per_doc, np.repeat(np.arange(len(per_doc)), per_doc), kept)
+        kept_per_doc = kept_per_doc[kept_per_doc > 0]
+        sentence_offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
+        np.cumsum(lengths[kept], out=sentence_offsets[1:])
+        document_offsets = np.zeros(len(kept_per_doc) + 1, dtype=np.int64)
+        np.cumsum(kept_per_doc, out=document_offsets[1:])
+        return cls(np.asarray(tokens, dtype=np.int32), sentence_offsets, document_offsets)
 
     def __len__(self) -> int:
         return len(self.document_offsets) - 1

@@ -23,7 +23,6 @@ import re
 from typing import Iterator, Sequence
 
 Document = list[str]
-TokenizedDocument = list[list[int]]
 TEXT_FORMATS = ("text", "jsonl")
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -309,29 +308,3 @@ def read_tfds_documents(name: str, data_dir: str | os.PathLike, split: str = "tr
     docs = (split_sentences(text) for text in
             iter_tfds_documents(name, data_dir, split, text_key, max_documents))
     return [d for d in docs if d]
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenisation.
-
-def tokenize_documents(documents: Sequence[Document], tokenizer, batch_size: int = 4096
-                       ) -> list[TokenizedDocument]:
-    """Tokenises every sentence (fast tokenizer, batch mode, no special tokens).
-
-    Returns one list of token-id lists per document; sentences that tokenise to nothing and
-    documents left empty are dropped.
-    """
-    flat = [s for doc in documents for s in doc]
-    ids: list[list[int]] = []
-    for i in range(0, len(flat), batch_size):
-        enc = tokenizer(flat[i:i + batch_size], add_special_tokens=False,
-                        return_attention_mask=False, return_token_type_ids=False)
-        ids.extend(enc["input_ids"])
-    out: list[TokenizedDocument] = []
-    pos = 0
-    for doc in documents:
-        sents = [s for s in ids[pos:pos + len(doc)] if s]
-        pos += len(doc)
-        if sents:
-            out.append(sents)
-    return out

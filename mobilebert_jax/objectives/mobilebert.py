@@ -1,4 +1,4 @@
-"""MobileBERT knowledge-transfer objectives (DESIGN §3).
+"""MobileBERT knowledge-transfer objectives (Sun et al., 2020).
 
 Layer-wise: feature-map transfer (FMT) on the 512-d inter-block hidden states and
 attention transfer (AT) on attention probabilities; then pre-training distillation (PD)
@@ -24,7 +24,7 @@ from mobilebert_jax.objectives.pretraining import mlm_loss, nsp_loss
 
 Array = jax.Array
 
-# Reference weights of the MobileBERT release (DESIGN §3).
+# Reference weights of the MobileBERT release (google-research `mobilebert/`, Sun et al., 2020).
 HIDDEN_DISTILL_FACTOR = 100.0
 BETA_DISTILL_FACTOR = 5000.0
 GAMMA_DISTILL_FACTOR = 5.0

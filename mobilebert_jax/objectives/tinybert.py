@@ -1,4 +1,4 @@
-"""TinyBERT distillation objectives (DESIGN §4) and student-to-teacher layer mappings.
+"""TinyBERT distillation objectives (Jiao et al., 2020) and student-to-teacher layer mappings.
 
 Layer indexing: `hidden_states` is a tuple of M+1 (student) / N+1 (teacher) arrays
 [B,L,D] where index 0 is the embedding output and index m the output of layer m;

@@ -1,9 +1,9 @@
 """Optimiser shared by every stage: LR schedule, weight-decay mask, per-parameter LR
 multipliers and the LAMB / AdamW chain (optax).
 
-Reference MobileBERT distillation settings (DESIGN §3): LAMB, learning rate 1.5e-3,
-10k linear warm-up steps then linear decay to 0, batch 2048; weight decay 0.01 on
-kernels/embeddings only. Progressive knowledge transfer (PKT) is expressed with
+Reference MobileBERT distillation settings (Sun et al., 2020, and its google-research
+release): LAMB, learning rate 1.5e-3, 10k linear warm-up steps then linear decay to 0,
+batch 2048; weight decay 0.01 on kernels/embeddings only. Progressive knowledge transfer (PKT) is expressed with
 `scale_by_multipliers`: a per-layer multiplier that is 0 before the layer's phase,
 1 during it and 0.1 after.
 
