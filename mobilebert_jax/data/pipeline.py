@@ -48,7 +48,9 @@ class DataConfig:
     JSON lines. Loading: `batch_size` is the global batch over all processes; masking
     (`max_predictions_per_seq`, `masked_lm_prob`, `whole_word_masking`) and the shuffle use
     `seed`; `num_epochs=0` iterates forever; `num_workers` grain worker processes build batches
-    (0: in the training process) with `worker_buffer_size` batches each in flight.
+    (0: in the training process) with `worker_buffer_size` batches each in flight. Workers are
+    spawned processes: a script of your own that trains with them needs the usual
+    `if __name__ == "__main__":` guard (`python -m mobilebert_jax.main` has it).
     """
     prepared_dir: str = ""
     input_files: Any = ""
