@@ -28,5 +28,13 @@ setup(
     extras_require={
         "test": ["pytest", "torch", "scikit-learn", "scipy"],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        # MetricsWriter writes event files with tensorboardX; tensorboard reads them.
+        "tensorboard": ["tensorboard", "tensorboardX"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mobilebert-jax = mobilebert_jax.main:run",
+            "mobilebert-jax-convert = mobilebert_jax.convert:run",
+        ],
     },
 )

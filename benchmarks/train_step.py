@@ -9,7 +9,7 @@ compiled step's memory per device (XLA's memory analysis: temporaries, arguments
 model's layers (memory against recompute time). --inference_compiler_options compiles the steps
 with the options the project's inference forwards use, to compare with XLA's defaults.
 
-Each case is one stage of the real trainer (`Trainer.build_stage`): IB-BERT-large teacher
+Each case is one stage of the real stage runner (`Trainer.build_stage`): IB-BERT-large teacher
 pretraining (MLM + NSP), MobileBERT PKT and PD from an IB-BERT teacher, and TinyBERT-4L general
 distillation from BERT-base. Weights are random, batches synthetic (no padding); the step is the
 same jitted function training runs, with its shardings over all local devices (data parallel).
@@ -44,6 +44,8 @@ flags.DEFINE_string("output", "train_step_benchmark.json", "JSON report path (''
 flags.DEFINE_bool("inference_compiler_options", False, "Compile the steps with "
                   "mobilebert_jax.compilation's inference options (to compare with XLA's "
                   "defaults, which the trainer uses).")
+flags.DEFINE_bool("scan_layers", False, "Run both models' layers under nn.scan "
+                  "(ModelConfig.scan_layers).")
 flags.DEFINE_list("remat", ["none"], "Rematerialisation of the trained model's layers: 'none' or "
                   "a ModelConfig.remat_policy (a sweep when several).")
 
@@ -69,18 +71,20 @@ def case_config(case: str, batch: int, length: int, remat: str = "none"):
   c.stages = case
   # Tiny variants keep a vocabulary the shipped tokenizer fits in (the trainer checks it).
   vocab = {"vocab_size": 4096} if FLAGS.tiny else {}
-  c.teacher = ml_collections.ConfigDict(dict(preset=teacher, tiny=FLAGS.tiny, **vocab))
-  c.student = ml_collections.ConfigDict(dict(preset=student, tiny=FLAGS.tiny, **vocab))
+  c.teacher = default_config.model_block(teacher, **vocab)
+  c.student = default_config.model_block(student, **vocab)
+  c.teacher.tiny = c.student.tiny = bool(FLAGS.tiny)
   if remat != "none":
     c[role].update(dict(remat=True, remat_policy=remat))
+  c.teacher.scan_layers = c.student.scan_layers = bool(FLAGS.scan_layers)
   c.data.batch_size = batch
   c.data.max_seq_length = length
   c.teacher.max_position_embeddings = c.student.max_position_embeddings = max(length, 128)
   c.data.max_predictions_per_seq = FLAGS.predictions
+  # The strategy's other keys (transfer factors, alpha, mapping) are its registry defaults.
   c[case] = ml_collections.ConfigDict(dict(
-      strategy=strategy, model=role, num_steps=1000, alpha=0.5, temperature=1.0,
-      layer_mapping="uniform", lower_layer_multiplier=0.0, current_layer_multiplier=1.0,
-      optimizer=default_config.optimizer(1e-4, 10), **default_config.transfer_factors()))
+      strategy=strategy, model=role, num_steps=1000,
+      optimizer=default_config.optimizer(1e-4, 10)))
   return c
 
 
@@ -141,7 +145,8 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   from mobilebert_jax.compilation import inference_compiler_options
   from mobilebert_jax.models import build_model
   from mobilebert_jax.pretrained import init_params, save_pretrained
-  from mobilebert_jax.training.trainer import Trainer, model_config, put_global, to_host
+  from mobilebert_jax.stages import Trainer, model_config
+  from mobilebert_jax.training.core import put_global, to_host
 
   config = case_config(case, batch_size, length, remat)
   strategy, role, _, _ = CASES[case]
@@ -152,13 +157,16 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
     config.teacher_checkpoint = os.path.join(workdir, "teacher")
     save_pretrained(config.teacher_checkpoint, teacher_cfg, teacher, "pretraining")
   trainer = Trainer(config, workdir)
-  teacher_cfg = trainer.model_configs["teacher"]
-  cs = trainer.build_stage(case, 0)
-  params = {"model": init_params(cs.model, cs.model_config, jax.random.PRNGKey(2)),
-            "aux": cs.strategy.aux_init(jax.random.PRNGKey(3))}
+  teacher_cfg = trainer.roles["teacher"].config
+  planned = trainer.plan.stages[0]
+  cs = trainer.build_stage(planned, planned.stage)
+  model_cfg = cs.ctx.model.config
+  spec = planned.spec
+  params = {"model": init_params(cs.ctx.model, model_cfg, jax.random.PRNGKey(2)),
+            "aux": spec.aux_init(cs.ctx, jax.random.PRNGKey(3)) if spec.aux_init else {}}
   state = cs.init_state(put_global(to_host(params), cs.shardings.params), cs.rng)
   rng = np.random.default_rng(0)
-  host_batch = synthetic_batch(cs.model_config.vocab_size, rng, batch_size, length)
+  host_batch = synthetic_batch(model_cfg.vocab_size, rng, batch_size, length)
   batch = put_global(host_batch, {k: cs.batch_sharding for k in host_batch})
 
   start = time.perf_counter()
@@ -184,9 +192,10 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
 
   tokens = batch_size * length
   masked = batch_size * FLAGS.predictions
-  flops = analytic_flops(cs.model_config, params["model"], True, tokens, masked, length)
+  flops = analytic_flops(model_cfg, params["model"], True, tokens, masked, length)
   if strategy != "pretrain":
-    flops += analytic_flops(teacher_cfg, trainer.latest["teacher"], False, tokens, masked, length)
+    flops += analytic_flops(teacher_cfg, trainer.roles["teacher"].params, False, tokens, masked,
+                            length)
   memory = compiled.memory_analysis()
   devices = jax.devices()
   peak = peak_tflops(devices[0])

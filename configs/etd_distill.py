@@ -18,14 +18,13 @@ config, it needs a pretrained BERT-base: --config.teacher_checkpoint=/path/to/be
 
 import ml_collections
 
-from mobilebert_jax.default_config import sibling_config
+from mobilebert_jax.default_config import model_block, sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = sibling_config(__file__, "tinybert_general_distill")
-  c.student = ml_collections.ConfigDict(dict(
-      preset="bert_base", embedding_size=384, hidden_size=384, intra_size=384, num_layers=6,
-      num_heads=12, intermediate_size=1536))
+  c.student = model_block("bert_base", embedding_size=384, hidden_size=384, intra_size=384,
+                          num_layers=6, num_heads=12, intermediate_size=1536)
   c.general.update(dict(num_steps=90_000, init_from_teacher="etd_impt",
                         etd_importance="first_order", etd_num_batches=8,
                         etd_layer_mapping="uniform"))

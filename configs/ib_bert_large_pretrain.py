@@ -10,16 +10,16 @@ the BERT uncased vocab (`python -m mobilebert_jax.data.prepare --input=... --voc
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer, prepared_corpus
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo_config()
   c.stages = "teacher_pretrain"
   c.dtype = "bfloat16"
-  c.teacher = ml_collections.ConfigDict(dict(preset="ib_bert_large"))
-  c.student = ml_collections.ConfigDict(dict(preset="mobilebert"))
+  c.teacher = model_block("ib_bert_large")
+  c.student = model_block("mobilebert")
   c.data.update(prepared_corpus(max_seq_length=512, max_predictions_per_seq=20,
                                 batch_size=4096))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))

@@ -15,8 +15,8 @@ ratio against float32; the steps are stored in `quantize/final/lsq_steps.npz`. S
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher_checkpoint = ""
   c.init_checkpoint = ""
   c.check_teacher_config = False
-  c.teacher = ml_collections.ConfigDict(dict(preset="mobilebert"))
-  c.student = ml_collections.ConfigDict(dict(preset="mobilebert"))
+  c.teacher = model_block("mobilebert")
+  c.student = model_block("mobilebert")
   c.data.update(dict(max_seq_length=128, batch_size=32))
   c.checkpoint.update(dict(save_every_steps=1000, keep=2))
   c.log_every_steps = 50

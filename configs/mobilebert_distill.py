@@ -8,8 +8,8 @@ once at sequence length 512 (`--config.data.prepared_dir=DIR`, see `mobilebert_j
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer, prepared_corpus, transfer_factors
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer, prepared_corpus, transfer_factors
 
 STUDENT_PRESET = "mobilebert"
 
@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = demo_config()
   c.stages = "pkt,pd"
   c.dtype = "bfloat16"
-  c.teacher = ml_collections.ConfigDict(dict(preset="ib_bert_large"))
-  c.student = ml_collections.ConfigDict(dict(preset=STUDENT_PRESET))
+  c.teacher = model_block("ib_bert_large")
+  c.student = model_block(STUDENT_PRESET)
   c.teacher_checkpoint = ""
   c.data.update(prepared_corpus(max_seq_length=512, max_predictions_per_seq=20,
                                 batch_size=2048))

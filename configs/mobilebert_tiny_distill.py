@@ -2,10 +2,10 @@
 
 import ml_collections
 
-from mobilebert_jax.default_config import sibling_config
+from mobilebert_jax.default_config import model_block, sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = sibling_config(__file__, "mobilebert_distill")
-  c.student = ml_collections.ConfigDict(dict(preset="mobilebert_tiny"))
+  c.student = model_block("mobilebert_tiny")
   return c

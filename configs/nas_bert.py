@@ -20,8 +20,8 @@ device is measured). Each extracted model is then trained with pretraining disti
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer, prepared_corpus
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def nas_stage(**values) -> ml_collections.ConfigDict:
@@ -48,18 +48,18 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.stages = "teacher_pretrain,nas"
   c.teacher_pretrain.num_steps = 300
   # The student template: vocabulary, embedding width, positions, norms, activation.
-  c.student = ml_collections.ConfigDict(dict(
-      preset="bert_base", vocab_size=c.teacher.vocab_size, embedding_size=16, hidden_size=64,
+  c.student = model_block(
+      "bert_base", vocab_size=c.teacher.vocab_size, embedding_size=16, hidden_size=64,
       intra_size=64, num_layers=4, num_heads=4, intermediate_size=128,
-      max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0))
+      max_position_embeddings=128, hidden_dropout=0.0, attention_dropout=0.0)
   c.nas = nas_stage()
   del c["pkt"], c["pd"]
   if variant == "tiny":
     return c
   c.stages = "nas"
   c.dtype = "bfloat16"
-  c.teacher = ml_collections.ConfigDict(dict(preset="bert_base"))
-  c.student = ml_collections.ConfigDict(dict(preset="bert_base", embedding_size=128))
+  c.teacher = model_block("bert_base")
+  c.student = model_block("bert_base", embedding_size=128)
   c.teacher_checkpoint = ""
   c.data.update(prepared_corpus(max_seq_length=128, max_predictions_per_seq=20,
                                 batch_size=1024))

@@ -13,24 +13,23 @@ HasAns/NoAns breakdown for v2.0) and `predictions.json`. Reference: lr 5e-5 (Mob
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo_config()
   c.stages = "squad"
   c.init_checkpoint = ""
-  c.student = ml_collections.ConfigDict(dict(preset="mobilebert"))
-  c.squad_data = ml_collections.ConfigDict(dict(
-      train_file="", dev_file="", version_2=False, doc_stride=128, max_query_length=64,
-      n_best=20, max_answer_length=30, null_threshold=0.0))
+  c.student = model_block("mobilebert")
   c.data.update(dict(max_seq_length=384, batch_size=32))
   c.checkpoint.update(dict(save_every_steps=1000, keep=2))
   c.log_every_steps = 50
-  opt = optimizer(learning_rate=5e-5, warmup_steps=800)
+  opt = optimizer(learning_rate=5e-5, warmup_steps=0)
   opt.optimizer = "adamw"
+  # BERT's SQuAD recipe: 2-3 epochs, 10% warm-up; --config.squad.num_steps=N overrides.
   c.squad = ml_collections.ConfigDict(dict(
-      strategy="squad", model="student", num_steps=8000, optimizer=opt))
+      strategy="squad", model="student", num_steps=0, num_epochs=2.0, warmup_fraction=0.1,
+      optimizer=opt))
   del c["teacher_pretrain"], c["pkt"], c["pd"]
   return c

@@ -9,15 +9,15 @@ and the corpus prepared once at length 128 with that vocab: --config.data.prepar
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer, prepared_corpus
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer, prepared_corpus
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo_config()
   c.stages = "general"
-  c.teacher = ml_collections.ConfigDict(dict(preset="bert_base"))
-  c.student = ml_collections.ConfigDict(dict(preset="tinybert_4l"))
+  c.teacher = model_block("bert_base")
+  c.student = model_block("tinybert_4l")
   c.teacher_checkpoint = ""
   c.data.update(prepared_corpus(max_seq_length=128, max_predictions_per_seq=20,
                                 batch_size=256))

@@ -13,8 +13,8 @@ at lr 3e-5, batch 32, seq 128. The dev evaluation adds loyalty to the teacher.
 
 import ml_collections
 
+from mobilebert_jax.default_config import model_block, optimizer
 from mobilebert_jax.default_config import get_config as demo_config
-from mobilebert_jax.default_config import optimizer
 
 
 def adamw(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
@@ -30,14 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.teacher_checkpoint = ""
   c.init_checkpoint = ""
-  c.teacher = ml_collections.ConfigDict(dict(preset="bert_base"))
-  c.student = ml_collections.ConfigDict(dict(preset="tinybert_4l"))
+  c.teacher = model_block("bert_base")
+  c.student = model_block("tinybert_4l")
   c.data.update(dict(max_seq_length=128, batch_size=32))
-  # mlm_checkpoint: a pretrained (not fine-tuned) model with an MLM head, e.g. bert-base-uncased.
-  c.augmentation = ml_collections.ConfigDict(dict(enabled=False, mlm_checkpoint="", p_t=0.4,
-                                                  n_aug=20, k=15, cache=""))
-  c.robustness = ml_collections.ConfigDict(dict(enabled=False, max_examples=200, k=15,
-                                                max_fraction=0.3))
+  # config.augmentation.mlm_checkpoint: a pretrained (not fine-tuned) model with an MLM head,
+  # e.g. bert-base-uncased; --config.augmentation.enabled=True turns TinyBERT's augmentation on.
+  c.robustness.max_examples = 200
   c.checkpoint.update(dict(save_every_steps=1000, keep=2))
   c.log_every_steps = 50
   c.intermediate = ml_collections.ConfigDict(dict(

@@ -1,6 +1,10 @@
-"""The embedded default run (configs/demo.py): tiny teacher -> tiny MobileBERT on shipped data.
+"""Every config key with its default (`base_config`), and the embedded default run
+(configs/demo.py, `get_config`): tiny teacher -> tiny MobileBERT on shipped data.
 
-A tiny IB-BERT-style teacher (inverted bottleneck, q/k/v from the layer input) is pretrained with
+Every config file builds on `get_config()` (or `base_config()`), so every key any stage reads
+exists, with its default, in every config, and `--config.<key>=...` works everywhere. Stage
+blocks take their keys and defaults from the stage registry (`mobilebert_jax.stages`), which
+`plan` fills in. A tiny IB-BERT-style teacher (inverted bottleneck, q/k/v from the layer input) is pretrained with
 MLM + NSP on the shipped `sample_text` corpus, then distilled into a tiny MobileBERT with
 progressive knowledge transfer (one phase per layer) followed by pretraining distillation.
 A few minutes on a 2-core CPU.
@@ -11,8 +15,13 @@ import importlib.util
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from mobilebert_jax.data.pipeline import DataConfig
+from mobilebert_jax.models.config import ModelConfig
+
+# The Python type of every ModelConfig field, for the placeholders of `model_block`.
+_FIELD_TYPES = {"intra_size": int, "classifier_dropout": float, "layer_ops": tuple}
 
 
 def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
@@ -52,27 +61,79 @@ def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def get_config() -> ml_collections.ConfigDict:
+def model_block(preset: str = "", **values) -> ml_collections.ConfigDict:
+  """`config.teacher` / `config.student`: a preset name, `tiny`, and every ModelConfig field;
+  fields not given are typed placeholders (None = the preset's value), so any of them can be
+  overridden from the command line (`--config.teacher.hidden_size=384`)."""
+  block = {"preset": preset, "tiny": False}
+  for field in dataclasses.fields(ModelConfig):
+    if field.name in values:
+      block[field.name] = values.pop(field.name)
+    else:
+      kind = _FIELD_TYPES.get(field.name, type(field.default))
+      block[field.name] = config_dict.placeholder(kind)
+  if values:
+    raise ValueError(f"model_block: unknown model config keys {sorted(values)}")
+  return ml_collections.ConfigDict(block)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every global key with its default; a config file sets `stages`, the stage blocks and what
+  it changes."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "float32"
-  c.stages = "teacher_pretrain,pkt,pd"
-  vocab = 2972  # the shipped demo vocab (mobilebert_jax/data/assets/vocab.txt)
-  c.teacher = ml_collections.ConfigDict(dict(
-      preset="ib_bert_large", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=128,
-      num_layers=2, num_heads=4, intermediate_size=256, max_position_embeddings=128,
-      hidden_dropout=0.0, attention_dropout=0.0))
-  c.student = ml_collections.ConfigDict(dict(
-      preset="mobilebert", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=16,
-      num_layers=2, num_heads=4, intermediate_size=64, num_ffn=4, max_position_embeddings=128,
-      attention_dropout=0.0))
+  c.stages = ""
+  c.teacher = model_block()
+  c.student = model_block()
+  # Checkpoints to start from: the teacher (native or Hugging Face), the student, the model a
+  # downstream stage fine-tunes. check_teacher_config: the teacher checkpoint must match
+  # config.teacher's sizes (False: take the checkpoint's architecture).
   c.teacher_checkpoint = ""
   c.student_checkpoint = ""
+  c.init_checkpoint = ""
+  c.check_teacher_config = True
+  # Rerunning a workdir with a changed config is refused unless this is True.
+  c.allow_config_change = False
+  # Downstream data: the GLUE task and its TSV directory (empty: tensorflow-datasets).
+  c.task = ""
+  c.data_dir = ""
+  c.data = data_config()
+  c.squad_data = ml_collections.ConfigDict(dict(
+      train_file="", dev_file="", version_2=False, doc_stride=128, max_query_length=64,
+      n_best=20, max_answer_length=30, null_threshold=0.0))
+  # TinyBERT data augmentation for task distillation (mlm_checkpoint: a pretrained model with
+  # an MLM head).
+  c.augmentation = ml_collections.ConfigDict(dict(enabled=False, mlm_checkpoint="", p_t=0.4,
+                                                  n_aug=20, k=15, cache=""))
+  # Evaluations after a GLUE stage: a word-substitution attack, post-training int8.
+  c.robustness = ml_collections.ConfigDict(dict(enabled=False, max_examples=100, k=15,
+                                                max_fraction=0.3))
+  c.quantization = ml_collections.ConfigDict(dict(
+      ptq_eval=False, weight_bits=8, act_bits=8, embedding_bits=8, calibration="max",
+      calibration_batches=8))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_rules = ()  # empty: mobilebert_jax.parallel.sharding.LOGICAL_RULES
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
+  c.log_every_steps = 50
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base_config()
+  c.stages = "teacher_pretrain,pkt,pd"
+  vocab = 2972  # the shipped demo vocab (mobilebert_jax/data/assets/vocab.txt)
+  c.teacher = model_block(
+      "ib_bert_large", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=128,
+      num_layers=2, num_heads=4, intermediate_size=256, max_position_embeddings=128,
+      hidden_dropout=0.0, attention_dropout=0.0)
+  c.student = model_block(
+      "mobilebert", vocab_size=vocab, embedding_size=32, hidden_size=64, intra_size=16,
+      num_layers=2, num_heads=4, intermediate_size=64, num_ffn=4, max_position_embeddings=128,
+      attention_dropout=0.0)
   # The shipped corpus (data.input_files empty), prepared once into workdir/prepared_data/.
   c.data = data_config(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=5,
                        batch_size=32)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
   c.log_every_steps = 20
 
   c.teacher_pretrain = ml_collections.ConfigDict(dict(

@@ -9,6 +9,8 @@ Multi-host: on Cloud TPU pods `jax.distributed.initialize()` finds its peers; el
 
 import logging
 import os
+import re
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -17,8 +19,6 @@ from ml_collections import config_flags
 from mobilebert_jax import default_config
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", default_config.__file__, "Training configuration file.",
-                                lock_config=True)
 flags.DEFINE_string("workdir", "workdir/demo", "Directory for checkpoints, metrics and models.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
@@ -48,6 +48,41 @@ def on_cloud_tpu() -> bool:
       os.path.exists("/dev/vfio/0")
 
 
+def report_bad_flags(error: Exception, argv: list[str]) -> None:
+  """Prints one line naming the `--config.<key>` override at fault (an unknown key or a value of
+  the wrong type) instead of a traceback, and exits with status 2."""
+  message = str(error).strip()
+  overrides = [a.split("=", 1)[0].lstrip("-") for a in argv[1:] if a.startswith("--config.")]
+  found = re.search(r"'([A-Za-z_][\w]*)", message)
+  if isinstance(error, (AttributeError, KeyError)) and found:
+    name = found.group(1)
+    culprit = next((o for o in overrides if f".{name}." in o + "."), None)
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    if culprit:
+      message = (f"unknown config key --{culprit}: the config has no key {name!r}"
+                 + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+                 + "; --print_config lists every key")
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # with the default config, config_flags applies sys.argv's overrides right here
+  config_flags.DEFINE_config_file("config", default_config.__file__,
+                                  "Training configuration file.", lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as error:
+  report_bad_flags(error, sys.argv)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a bad `--config.<key>` override is reported in one line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config  # config_flags applies the overrides on first access: fail here, not later
+    return remaining
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    report_bad_flags(e, argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -60,18 +95,23 @@ def main(argv):
   logging.getLogger("mobilebert_jax").setLevel(logging.INFO)
   initialize_distributed()
   import jax
-  from mobilebert_jax.training.trainer import train_and_evaluate
+  from mobilebert_jax.stages import ConfigChangedError, PlanError, train_and_evaluate
+  from mobilebert_jax.training.metrics import closing_summary
   if jax.process_index() != 0:
     logging.getLogger("mobilebert_jax").setLevel(logging.WARNING)
-  outputs = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    outputs = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (PlanError, ConfigChangedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if jax.process_index() == 0:
-    for role, path in outputs.items():
-      if role == "architectures":
-        print(f"searched architectures: {path}  (each entry's checkpoint loads with "
-              "mobilebert_jax.load_pretrained)")
-      else:
-        print(f"{role} model: {path}  (mobilebert_jax.load_pretrained({path!r}))")
+    print(closing_summary(FLAGS.workdir, outputs))
+
+
+def run() -> None:
+  """The `mobilebert-jax` console script."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -4,6 +4,11 @@ A native directory holds `mobilebert_jax.json` (format, head, model config), `pa
 checkpoint of the parameter tree) and any tokenizer files. `load_pretrained` reads that or a
 transformers directory (config.json + model.safetensors / pytorch_model.bin) and can put a
 different head on the loaded backbone (fresh head parameters are initialised and logged).
+
+Parameter layouts: checkpoints always hold the canonical per-layer layout (`layer_0`, ...);
+`init_params`, `abstract_params` and `load_pretrained` give the layout of the model built from
+the config (stacked `layers` when `ModelConfig.scan_layers`); `read_checkpoint` and
+`adapt_params` give the canonical one (`models.to_model_layout` converts).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 from etils import epath
 
 from mobilebert_jax.interop import hf
-from mobilebert_jax.models import HEADS, ModelConfig, build_model
+from mobilebert_jax.models import (HEADS, ModelConfig, build_model, to_canonical_layout,
+                                   to_model_layout)
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +38,19 @@ _CORE_PREFIXES = ("embeddings", "layer_")
 
 
 def abstract_params(model: nn.Module, config: ModelConfig) -> Any:
-  """Shapes/dtypes of `model`'s parameters, without allocating (``jax.eval_shape``)."""
+  """Shapes/dtypes of `model`'s parameters, without allocating (``jax.eval_shape``).
+
+  In the model's own layout (stacked layers when `config.scan_layers`).
+  """
   return nn.meta.unbox(jax.eval_shape(lambda: init_params(model, config, jax.random.PRNGKey(0))))
 
 
 def init_params(model: nn.Module, config: ModelConfig, rng: jax.Array, boxed: bool = False):
-  """Initialises `model`'s parameters on a dummy batch; `boxed` keeps the logical-axis boxes."""
+  """Initialises `model`'s parameters on a dummy batch; `boxed` keeps the logical-axis boxes.
+
+  Returns the model's own layout, what `model.apply` takes (stacked layers when
+  `config.scan_layers`; the values then differ from an unscanned init with the same `rng`).
+  """
   length = min(8, config.max_position_embeddings)
   ids = jnp.zeros((1, length), jnp.int32)
   params = model.init({"params": rng}, ids)["params"]
@@ -67,7 +80,8 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
                     tokenizer_dir: str | None = None, extra: Mapping | None = None) -> None:
   """Writes a native directory: metadata + config JSON, orbax params, tokenizer files.
 
-  In multi-process runs every process must call this (the orbax write is collective); only
+  `params` may be in either layout; the checkpoint always holds the canonical one. In
+  multi-process runs every process must call this (the orbax write is collective); only
   process 0 writes the JSON and copies the tokenizer files.
   """
   import orbax.checkpoint as ocp
@@ -76,7 +90,8 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
   path = _absolute(path)
   epath.Path(path).mkdir(parents=True, exist_ok=True)
   params_dir = os.path.join(path, NATIVE_PARAMS)
-  host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(params))
+  params = to_canonical_layout(dict(params), config)
+  host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, host_params, force=True)
   checkpointer.wait_until_finished()
@@ -89,7 +104,7 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
 
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, str, dict]:
-  """Reads (config, head, params as numpy) from a native or Hugging Face directory."""
+  """Reads (config, head, params as numpy, canonical layout) from a native or HF directory."""
   if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   if is_native_dir(path):
@@ -100,14 +115,15 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, str, dict]:
     if not epath.Path(params_dir).is_dir():
       raise FileNotFoundError(f"{path}: {NATIVE_CONFIG} present but no {NATIVE_PARAMS}/ directory")
     params = ocp.StandardCheckpointer().restore(params_dir)
-    return config, meta["head"], jax.tree.map(np.asarray, params)
+    params = to_canonical_layout(jax.tree.map(np.asarray, params), config)
+    return config, meta["head"], params
   if hf.is_hf_dir(path):
     hf_config = hf.read_hf_config(path)
     config = hf.config_from_hf(hf_config, source=os.path.join(path, "config.json"))
     state = hf.read_hf_weights(path)
     head = hf.head_from_architectures(hf_config, state)
     state = hf.strip_base_prefix(state, config, head)
-    reference = abstract_params(build_model(config, head), config)
+    reference = to_canonical_layout(abstract_params(build_model(config, head), config), config)
     params = hf.state_to_params(state, config, head, reference, source=path)
     return config, head, params
   raise hf.ConversionError(
@@ -121,10 +137,11 @@ def adapt_params(params: Mapping, src_head: str, dst_head: str, config: ModelCon
 
   Backbone weights are taken over (the embeddings and layers must all be there, with their
   shapes); head parameters the source lacks, or whose shape changed (a new label count), are
-  initialised fresh and logged.
+  initialised fresh and logged. Takes either layout; returns the canonical one.
   """
   model = build_model(config, dst_head)
-  reference = abstract_params(model, config)
+  reference = to_canonical_layout(abstract_params(model, config), config)
+  params = to_canonical_layout(params, config)
   src_backbone = params if src_head == "base" else params.get("backbone", {})
   src_heads = {} if src_head == "base" else {k: v for k, v in params.items() if k != "backbone"}
   fresh: list[str] = []
@@ -154,7 +171,7 @@ def adapt_params(params: Mapping, src_head: str, dst_head: str, config: ModelCon
   if fresh:
     log.warning("initialised %d parameters not in the checkpoint (new head or shape): %s",
                 len(fresh), fresh)
-    init = init_params(model, config, jax.random.PRNGKey(seed))
+    init = to_canonical_layout(init_params(model, config, jax.random.PRNGKey(seed)), config)
     out = jax.tree.map(lambda o, i: np.asarray(i) if o is None else o, out, init,
                        is_leaf=lambda x: x is None)
   return out
@@ -173,7 +190,9 @@ def load_pretrained(path: str, head: str | None = None, *, dtype: Any = jnp.floa
     num_labels: override the classification label count (the classifier is then re-initialised).
     seed: seed for any freshly initialised head parameters.
 
-  Usage: ``model.apply({"params": params}, input_ids=ids, attention_mask=mask)``.
+  Returns params in the layout of the returned model (stacked layers when the checkpoint's
+  config has `scan_layers`). Usage:
+  ``model.apply({"params": params}, input_ids=ids, attention_mask=mask)``.
   """
   config, src_head, params = read_checkpoint(path)
   head = head or src_head
@@ -184,5 +203,19 @@ def load_pretrained(path: str, head: str | None = None, *, dtype: Any = jnp.floa
   if head != src_head or num_labels is not None:
     params = adapt_params(params, src_head, head, config, seed=seed)
   model = build_model(config, head, dtype=dtype, param_dtype=param_dtype)
+  params = to_model_layout(params, config)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
   return model, params
+
+
+def checkpoint_config(path: str) -> ModelConfig:
+  """The ModelConfig of a native or Hugging Face checkpoint, without reading its weights."""
+  if not epath.Path(path).is_dir():
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
+  if is_native_dir(path):
+    return ModelConfig.from_dict(read_native_meta(path)["model"],
+                                 source=os.path.join(path, NATIVE_CONFIG))
+  if hf.is_hf_dir(path):
+    return hf.config_from_hf(hf.read_hf_config(path), source=os.path.join(path, "config.json"))
+  raise hf.ConversionError(f"{path}: no model config found (expected {NATIVE_CONFIG} or a "
+                           "Hugging Face config.json)")

@@ -7,8 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mobilebert_jax.distill import strategies
-from mobilebert_jax.training.trainer import model_config, stage_names
+from mobilebert_jax.stages import model_config, registry, stage_names
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 EXPECTED = {
@@ -44,7 +43,7 @@ def test_config_loads_and_validates(name):
   model_config(config.teacher, "config.teacher")
   model_config(config.student, "config.student")
   for stage in stages.split(","):
-    strategies.check_strategy(config[stage].strategy, stage)
+    registry.get(config[stage].strategy, stage)
 
 
 def test_full_size_nas_config_validates():
@@ -55,8 +54,8 @@ def test_full_size_nas_config_validates():
   values(["prog", f"--config={path}:full"])
   config = values.config
   assert stage_names(config) == ["nas"]
-  space = nas.check_stage("nas", config.nas, model_config(config.student, "config.student"),
-                          model_config(config.teacher, "config.teacher"))
+  space = nas.check_stage("nas", config.nas, model_config(config.teacher, "config.teacher"),
+                          model_config(config.student, "config.student"))
   assert (space.num_layers, space.num_blocks, space.hidden_sizes) == (24, 4, (128, 192, 256, 384,
                                                                               512))
 

@@ -33,6 +33,7 @@ def test_cli_round_trip_gives_identical_transformers_logits(model_type, cls, tmp
   assert result.returncode == 0, result.stderr
   result = _cli("export-hf", str(native), str(out))
   assert result.returncode == 0, result.stderr
+  assert result.stderr == "", result.stderr  # no library INFO logs or backend probing
   assert (out / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
 
   original, exported = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
@@ -130,3 +131,62 @@ def test_error_exporting_original_ib_bert_attention(tmp_path):
     convert.export_hf(str(tmp_path / "native"), str(tmp_path / "hf"))
   result = _cli("export-hf", str(tmp_path / "native"), str(tmp_path / "hf2"))
   assert result.returncode == 2 and "IB-BERT" in result.stderr
+
+
+def _hf_dir(path, seed=3):
+  perturbed_model("mobilebert", "pretraining", seed=seed).save_pretrained(path)
+  (path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n")
+  return path
+
+
+def _snapshot(root):
+  return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_a_non_empty_destination_unless_overwrite(tmp_path):
+  src, dst = _hf_dir(tmp_path / "src"), tmp_path / "dst"
+  dst.mkdir()
+  (dst / "keep.txt").write_text("mine")
+  (dst / "vocab.txt").write_text("old")
+  before = _snapshot(dst)
+  result = _cli("import-hf", str(src), str(dst))
+  assert result.returncode == 2 and not result.stdout
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(dst) in lines[0] and "--overwrite" in lines[0], result.stderr
+  assert _snapshot(dst) == before  # nothing written
+
+  result = _cli("import-hf", str(src), str(dst), "--overwrite")
+  assert result.returncode == 0, result.stderr
+  assert (dst / "keep.txt").read_text() == "mine"  # other files are left alone
+  assert (dst / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
+  _, params = load_pretrained(str(dst))
+  assert "backbone" in params
+
+  (tmp_path / "empty").mkdir()  # an existing but empty directory needs no flag
+  assert convert.export_hf(str(dst), str(tmp_path / "empty")) == "pretraining"
+  with pytest.raises(hf.ConversionError, match="not empty; pass --overwrite"):
+    convert.export_hf(str(dst), str(tmp_path / "empty"))
+  with pytest.raises(hf.ConversionError, match="is the source"):
+    convert.export_hf(str(dst), str(dst), overwrite=True)
+
+
+# An NVIDIA GPU seen by a CPU-only jaxlib: JAX would warn "Falling back to cpu" when probing.
+_FAKE_GPU_RUN = """
+import sys
+import jax._src.hardware_utils as hardware_utils
+hardware_utils.has_visible_nvidia_gpu = lambda: True
+from mobilebert_jax import convert
+sys.argv[0] = "mobilebert-jax-convert"
+sys.exit(convert.run())
+"""
+
+
+def test_cli_stderr_has_no_backend_probe_noise(tmp_path):
+  src = _hf_dir(tmp_path / "src")
+  result = subprocess.run([sys.executable, "-c", _FAKE_GPU_RUN, "import-hf", str(src),
+                           str(tmp_path / "native")], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  for noise in ("Falling back to cpu", "Unable to initialize backend", "orbax"):
+    assert noise not in result.stderr, result.stderr
+  assert result.stderr == "", result.stderr
+  assert result.stdout.startswith("import-hf: wrote")

@@ -13,7 +13,7 @@ import pytest
 from mobilebert_jax import default_config, load_pretrained, pretrained
 from mobilebert_jax.distill import etd
 from mobilebert_jax.models import build_model, get_preset
-from mobilebert_jax.training.trainer import Trainer
+from mobilebert_jax.stages import Trainer
 
 VOCAB = 64
 DEMO_VOCAB = 2972  # the shipped demo vocab (mobilebert_jax/data/assets/vocab.txt)
@@ -432,9 +432,9 @@ def test_trainer_pd_stage_starts_from_the_etd_impt_extraction(teacher_dir, tmp_p
   assert ("stage 'pd': ETD-Impt (first-order importance on 2 batches) extracted the student from "
           "the teacher: layers [2, 4] of 4, heads 2/4, head dims 8/8, FFN neurons 32/64, hidden "
           "channels 16/32") in caplog.text
-  t_cfg, s_cfg = trainer.model_configs["teacher"], trainer.model_configs["student"]
+  t_cfg, s_cfg = trainer.roles["teacher"].config, trainer.roles["student"].config
   _, teacher = load_pretrained(teacher_dir)
-  data = trainer.dataset_for("pd", 0)
+  data = trainer.dataset_for(trainer.plan.stages[0])
   scores = etd.importance_scores(None, t_cfg, teacher,
                                  [data.get_global_batch(0, i) for i in range(2)])
   expected = etd.extract_student(t_cfg, teacher, s_cfg, scores=scores)

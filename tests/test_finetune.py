@@ -13,7 +13,7 @@ from mobilebert_jax.data import sample_vocab_path
 from mobilebert_jax.models import build_model, get_preset
 from mobilebert_jax.pretrained import init_params
 from mobilebert_jax.training.metrics import read_metrics
-from mobilebert_jax.training.trainer import Trainer
+from mobilebert_jax.stages import Trainer
 
 
 def vocab_words(n=60):
@@ -139,8 +139,7 @@ def _glue_config(tmp_path, stages, **stage_blocks):
   c.mesh.update(dict(data=1, fsdp=1, tensor=1))
   c.log_every_steps = 20
   for name, (strategy, steps) in stage_blocks.items():
-    c[name] = dict(strategy=strategy, model="student", num_steps=steps, temperature=1.0,
-                   layer_mapping="uniform",
+    c[name] = dict(strategy=strategy, model="student", num_steps=steps,
                    optimizer=default_config.optimizer(learning_rate=3e-3, warmup_steps=10))
     c[name].optimizer.optimizer = "adamw"
   return c

@@ -7,15 +7,16 @@ import shutil
 
 import jax
 import numpy as np
+import ml_collections
 import pytest
 
-from mobilebert_jax import save_pretrained
+from mobilebert_jax import default_config, save_pretrained, stages
 from mobilebert_jax.data import sample_vocab_path
-from mobilebert_jax.models import build_model
+from mobilebert_jax.models import build_model, get_preset
 from mobilebert_jax.objectives import parse_layer_mapping, uniform_layer_mapping
 from mobilebert_jax.pretrained import init_params
 from mobilebert_jax.search import layer_mapping as lm
-from mobilebert_jax.training import trainer as trainer_lib
+from mobilebert_jax.stages.planner import resolve_stage
 from test_finetune import vocab_words, write_sst2
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "layer_mapping_search.py")
@@ -167,7 +168,7 @@ def search_config(tmp_path):
 
 
 def write_teacher(path, config):
-  model_cfg = trainer_lib.model_config(config.teacher, "config.teacher")
+  model_cfg = stages.model_config(config.teacher, "config.teacher")
   params = init_params(build_model(model_cfg, "pretraining"), model_cfg, jax.random.PRNGKey(0))
   save_pretrained(str(path), model_cfg, params, "pretraining",
                   tokenizer_dir=str(sample_vocab_path().parent))
@@ -252,7 +253,7 @@ def test_proxy_search_end_to_end_and_rerun_reuses_the_runs(tmp_path, monkeypatch
   class NoTraining:
     def __init__(self, *args, **kwargs):
       pytest.fail("a finished mapping was trained again")
-  monkeypatch.setattr(trainer_lib, "Trainer", NoTraining)
+  monkeypatch.setattr(lm, "Trainer", NoTraining)
   again = lm.run_search(c, str(workdir))
   assert (again.best_mapping, again.scores, again.num_evaluations) == (
       result.best_mapping, result.scores, 0)
@@ -264,13 +265,12 @@ def test_proxy_search_end_to_end_and_rerun_reuses_the_runs(tmp_path, monkeypatch
 
 
 def test_tinybert_stage_reads_a_free_mapping_only_when_told():
-  import ml_collections
-  from mobilebert_jax.distill import strategies
-  from mobilebert_jax.models import get_preset
-  teacher = build_model(get_preset("bert_base", tiny_variant=True, num_layers=3), "pretraining")
-  student = build_model(get_preset("tinybert_4l", tiny_variant=True), "pretraining")
-  stage = ml_collections.ConfigDict(dict(strategy="tinybert", layer_mapping="3,1"))
+  teacher = get_preset("bert_base", tiny_variant=True, num_layers=3)
+  student = get_preset("tinybert_4l", tiny_variant=True)
+  spec, stage = resolve_stage("general", ml_collections.ConfigDict(dict(
+      strategy="tinybert", layer_mapping="3,1", num_steps=1,
+      optimizer=default_config.optimizer(1e-3, 0))))
   with pytest.raises(ValueError, match="not nondecreasing"):
-    strategies.build_strategy(stage, student, teacher)
+    spec.check("general", stage, teacher, student)
   stage.layer_mapping_order = "any"
-  assert strategies.build_strategy(stage, student, teacher).name == "tinybert"
+  spec.check("general", stage, teacher, student)

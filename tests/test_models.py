@@ -58,7 +58,7 @@ def test_every_parameter_has_logical_axes_and_shards_on_a_mesh(name):
     assert len(leaf.names) == leaf.value.ndim
     assert set(leaf.names) - {None} <= known
   mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  shardings = sharding.param_shardings(boxed, mesh)
+  shardings = sharding.logical_shardings(boxed, mesh)
   query = shardings["backbone"]["layer_0"]["attention"]["query"]["kernel"]
   assert query.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   ffn = shardings["backbone"]["layer_3"]["ffn"]["intermediate"]["kernel"]
@@ -71,10 +71,10 @@ def test_rules_table_alone_changes_the_layout():
   boxed = jax.eval_shape(lambda: init_params(model, config, jax.random.PRNGKey(0), boxed=True))
   mesh = sharding.create_mesh({"data": 1, "fsdp": 1, "tensor": 8})
   rules = [(name, None) for name, _ in sharding.LOGICAL_RULES]
-  replicated = sharding.param_shardings(boxed, mesh, rules)
+  replicated = sharding.logical_shardings(boxed, mesh, rules)
   assert all(s.spec == jax.sharding.PartitionSpec(*([None] * len(s.spec)))
              for s in jax.tree.leaves(replicated))
-  default = sharding.param_shardings(boxed, mesh)
+  default = sharding.logical_shardings(boxed, mesh)
   assert default["layer_0"]["attention"]["query"]["kernel"].spec[1] is None  # 4 heads, 8 devices
   assert default["layer_0"]["ffn"]["intermediate"]["kernel"].spec[1] == "tensor"
 

@@ -17,7 +17,7 @@ from mobilebert_jax import load_pretrained, pretrained
 from mobilebert_jax.models import Backbone, ModelConfig, build_model
 from mobilebert_jax.search import costs, nas, selection, supernet
 from mobilebert_jax.search.supernet import SearchSpace
-from mobilebert_jax.training.trainer import Trainer
+from mobilebert_jax.stages import Trainer
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "nas_bert.py"
 BASE = ModelConfig(vocab_size=97, embedding_size=8, hidden_size=24, intra_size=24, num_layers=4,
@@ -143,7 +143,7 @@ def test_supernet_parameters_carry_logical_axes():
 
 def test_full_size_search_space_is_constructed_abstractly():
   c = nas_config("full")
-  from mobilebert_jax.training.trainer import model_config
+  from mobilebert_jax.stages import model_config
   sp = nas.search_space(c.nas, model_config(c.student, "config.student"))
   assert sp.num_layers == 24 and sp.layers_per_block == 6 and len(sp.ops_for(512)) == 11
   shapes = jax.eval_shape(lambda: supernet.init_supernet(sp, 768, jax.random.PRNGKey(0)))
@@ -304,7 +304,7 @@ def teacher_and_table(tmp_path_factory):
   c.teacher_pretrain.optimizer.warmup_steps = 1
   c.checkpoint.async_save = False
   teacher = Trainer(c, str(root / "teacher_run")).run()["teacher"]
-  from mobilebert_jax.training.trainer import model_config
+  from mobilebert_jax.stages import model_config
   sp = nas.search_space(c.nas, model_config(c.student, "config.student"))
   table = costs.LatencyTable(
       {str(h): {op: 0.1 + 0.001 * costs.op_params(op, h) / h for op in sp.ops_for(h)}

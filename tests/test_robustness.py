@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 
 import jax
@@ -174,6 +175,35 @@ def test_write_results_merges(tmp_path):
   lines = (tmp_path / "attack_examples.jsonl").read_text().splitlines()
   assert len(lines) == 5
   assert json.loads(lines[0])["adversarial_text_a"] == "The film was Bad, and the plot was fine too"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["attack_examples.jsonl",
+                                                        "eval_results.json"]  # no temporary
+
+
+def test_write_results_to_a_bucket(tmp_path):
+  """A gs:// workdir goes through etils.epath (the bucket mocked onto a local directory)."""
+  from etils.epath import testing
+  root = tmp_path / "bucket"
+
+  def local(path):
+    return os.fspath(path).replace("gs://bucket", str(root))
+
+  def mocked(orig, path, *args, **kwargs):
+    return orig(local(path), *(local(a) if isinstance(a, (str, os.PathLike)) else a
+                               for a in args), **kwargs)
+
+  names = ("exists", "isdir", "listdir", "makedirs", "mkdir", "open", "remove", "rename",
+           "replace", "stat")
+  (root / "run").mkdir(parents=True)
+  (root / "run" / "eval_results.json").write_text(json.dumps({"dev_accuracy": 0.9}))
+  records, summary = attack(EXAMPLES, toy_predict(), EMBEDDINGS, VOCAB, k=2)
+  with testing.mock_epath(**{n: mocked for n in names}):
+    merged = write_results("gs://bucket/run", attack_summary=summary, records=records)
+    again = write_results("gs://bucket/new/eval_results.json", loyalty={"label_loyalty": 1.0})
+  assert json.loads((root / "run" / "eval_results.json").read_text()) == merged
+  assert merged["dev_accuracy"] == 0.9 and "attack_success_rate" in merged
+  assert len((root / "run" / "attack_examples.jsonl").read_text().splitlines()) == 5
+  assert json.loads((root / "new" / "eval_results.json").read_text()) == again == {
+      "loyalty_label": 1.0}
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,19 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
 def _asset(name: str) -> Path:
-    path = ASSETS_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Packaged asset {path} is missing; reinstall mobilebert_jax with its package data "
-            "(setup.py ships mobilebert_jax/data/assets/*).")
-    return path
+  path = ASSETS_DIR / name
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"Packaged asset {path} is missing; reinstall mobilebert_jax with its package data "
+        "(setup.py ships mobilebert_jax/data/assets/*).")
+  return path
 
 
 def sample_text_path() -> Path:
-    """Path of the shipped demo corpus (one sentence per line, blank line between documents)."""
-    return _asset("sample_text.txt")
+  """Path of the shipped demo corpus (one sentence per line, blank line between documents)."""
+  return _asset("sample_text.txt")
 
 
 def sample_vocab_path() -> Path:
-    """Path of the shipped uncased WordPiece vocab trained on the demo corpus."""
-    return _asset("vocab.txt")
+  """Path of the shipped uncased WordPiece vocab trained on the demo corpus."""
+  return _asset("vocab.txt")

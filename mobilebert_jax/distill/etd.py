@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 INIT_CHOICES = ("", "etd_impt", "etd_rand")  # a stage's `init_from_teacher`
 IMPORTANCE_KINDS = ("first_order", "magnitude")
 METHODS = {"impt": "impt", "rand": "rand", "etd_impt": "impt", "etd_rand": "rand"}
-DEFAULT_NUM_BATCHES = 8
 DIM_ROLES = ("qk_dims", "vo_dims")  # per-head dimensions: the axis after a "heads" axis
 # Sizes that must match, and sizes the student may shrink.
 EQUAL_FIELDS = ("model_type", "normalization", "hidden_act", "trigram_input", "use_bottleneck",
@@ -252,7 +251,7 @@ def _accumulate(cfg: ModelConfig, roles: dict[Path, Roles], values: dict[Path, n
 
 
 def _mlm_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-  out = strategies._apply(model, params, batch)  # deterministic: no dropout
+  out = strategies.apply_model(model, params, batch)  # deterministic: no dropout
   loss = objectives.mlm_loss(out.prediction_logits, batch["masked_lm_ids"],
                              batch["masked_lm_weights"])
   if getattr(out, "seq_relationship_logits", None) is not None:
@@ -487,7 +486,7 @@ def check_stage_options(stage: Mapping, where: str, teacher_config: ModelConfig,
                         has_student: bool, pretraining_data: bool) -> None:
   """Validates a stage's `init_from_teacher` / `etd_*` keys before any compute; `where` is
   e.g. "config.pd"."""
-  method = stage.get("init_from_teacher", "")
+  method = stage["init_from_teacher"]
   if method not in INIT_CHOICES:
     raise ValueError(f"{where}.init_from_teacher={method!r} is not one of {list(INIT_CHOICES)}")
   if not method:
@@ -502,15 +501,15 @@ def check_stage_options(stage: Mapping, where: str, teacher_config: ModelConfig,
     raise ValueError(f"{where}.init_from_teacher={method!r}: the student already has parameters "
                      "(an earlier student stage, config.student_checkpoint or "
                      "config.init_checkpoint); set it on the first student stage only")
-  importance = stage.get("etd_importance", "first_order")
+  importance = stage["etd_importance"]
   if importance not in IMPORTANCE_KINDS:
     raise ValueError(f"{where}.etd_importance={importance!r} is not one of "
                      f"{list(IMPORTANCE_KINDS)}")
   if method == "etd_impt" and importance == "first_order" and not pretraining_data:
     raise ValueError(f"{where}.etd_importance='first_order' needs MLM + NSP pretraining data, "
-                     f"but {where}.strategy={stage.get('strategy')!r} trains on task data; use "
+                     f"but {where}.strategy={stage['strategy']!r} trains on task data; use "
                      "'magnitude'")
-  num_batches = stage.get("etd_num_batches", DEFAULT_NUM_BATCHES)
+  num_batches = stage["etd_num_batches"]
   if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
     raise ValueError(f"{where}.etd_num_batches must be a positive integer, got {num_batches!r}")
   try:
@@ -518,7 +517,7 @@ def check_stage_options(stage: Mapping, where: str, teacher_config: ModelConfig,
   except ValueError as e:
     raise ValueError(f"{where}.init_from_teacher={method!r}: {e}") from e
   try:
-    objectives.parse_layer_mapping(stage.get("etd_layer_mapping", "uniform"),
+    objectives.parse_layer_mapping(stage["etd_layer_mapping"],
                                    student_config.num_layers, teacher_config.num_layers)
   except ValueError as e:
     raise ValueError(f"{where}.etd_layer_mapping: {e}") from e

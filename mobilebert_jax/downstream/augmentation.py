@@ -23,13 +23,16 @@ import json
 import logging
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from mobilebert_jax.compilation import jit_inference
 from mobilebert_jax.downstream.glue_data import GlueExample, truncate_pair
+from mobilebert_jax.models.heads import ForMaskedLM, ForPreTraining
 
 log = logging.getLogger("mobilebert_jax")
 
@@ -58,7 +61,7 @@ class WordVectors:
 def load_glove(path: str | os.PathLike, max_words: int | None = None) -> WordVectors:
   """Reads a GloVe text file (`word v1 ... vD` per line), the first `max_words` lines at most."""
   words, rows, dim = [], [], None
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if max_words is not None and len(words) >= max_words:
         break
@@ -95,11 +98,6 @@ def mlm_predict_fn(model, params) -> MlmPredict:
 
   One compilation per input shape; `augment_examples` pads its batches to few shapes.
   """
-  import jax
-  import jax.numpy as jnp
-
-  from mobilebert_jax.compilation import jit_inference
-  from mobilebert_jax.models.heads import ForMaskedLM, ForPreTraining
   if not isinstance(model, (ForPreTraining, ForMaskedLM)):
     raise ValueError(f"mlm_predict_fn needs a model with an MLM head (pretraining or masked_lm), "
                      f"got {type(model).__name__}")
@@ -428,12 +426,12 @@ def cache_settings(examples: Sequence[GlueExample], tokenizer, word_embeddings, 
           "embeddings": embeddings, "teacher": teacher}
 
 
-def _read_cache(path: Path, settings: dict) -> list[GlueExample] | None:
+def _read_cache(path: epath.Path, settings: dict) -> list[GlueExample] | None:
   """The cached examples, or None when missing, unreadable or made with other settings."""
   if not path.is_file():
     return None
   try:
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
       header = json.loads(f.readline())
       if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
         log.info("augmentation cache %s: not a version %d cache; rebuilding", path,
@@ -456,22 +454,23 @@ def _read_cache(path: Path, settings: dict) -> list[GlueExample] | None:
   return examples
 
 
-def _write_cache(path: Path, settings: dict, examples: Sequence[GlueExample]) -> None:
+def _write_cache(path: epath.Path, settings: dict, examples: Sequence[GlueExample]) -> None:
+  """Writes a temporary file beside `path`, then renames it to `path`."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with tmp.open("w", encoding="utf-8") as f:
       header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "count": len(examples),
                 "settings": settings}
       f.write(json.dumps(header, ensure_ascii=False) + "\n")
       for ex in examples:
         f.write(json.dumps(_example_dict(ex), ensure_ascii=False) + "\n")
       f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+      if "://" not in os.fspath(path):
+        os.fsync(f.fileno())
+    tmp.replace(path)
   except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    tmp.unlink(missing_ok=True)
     raise
 
 
@@ -480,13 +479,15 @@ def load_or_augment(cache_path: str | os.PathLike, examples: Sequence[GlueExampl
                     n_aug: int = 20, k: int = 15, seed: int = 0, max_seq_length: int = 128,
                     fields: Sequence[str] = _FIELDS, batch_size: int = 128,
                     teacher: str | None = None) -> list[GlueExample]:
-  """`augment_examples`, cached as JSON lines at `cache_path` (a header, then one example a line).
+  """`augment_examples`, cached as JSON lines at `cache_path` (a header, then one example a line;
+  local or gs://..., through `etils.epath`).
 
   The cache is reused when its header matches `cache_settings` (the settings and hashes of the
   examples, the vocab and the embeddings, plus `teacher`), otherwise rebuilt and replaced
   atomically (temporary file + rename). Arguments as for augment_examples.
   """
-  path = Path(os.path.expanduser(os.fspath(cache_path)))
+  path = os.fspath(cache_path)
+  path = epath.Path(path if "://" in path else os.path.expanduser(path))
   examples = list(examples)
   knobs = dict(p_t=p_t, n_aug=n_aug, k=k, seed=seed, max_seq_length=max_seq_length,
                fields=tuple(fields))

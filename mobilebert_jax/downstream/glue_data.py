@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -32,15 +31,21 @@ class GlueExample:
 # ---------------------------------------------------------------------------------------------
 # TSV files.
 
-def task_dir(task: str | GlueTask, data_dir: str | os.PathLike) -> Path:
+def local_or_remote(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath (gs:// as is, `~` expanded for local paths)."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.expanduser(path))
+
+
+def task_dir(task: str | GlueTask, data_dir: str | os.PathLike) -> epath.Path:
   """The task's directory: `data_dir/<GLUE name>` (e.g. glue_data/SST-2) when it exists,
   otherwise `data_dir` itself."""
   task = get_task(task)
-  root = Path(os.path.expanduser(os.fspath(data_dir)))
+  root = local_or_remote(data_dir)
   return root / task.glue_name if (root / task.glue_name).is_dir() else root
 
 
-def split_path(task: str | GlueTask, split: str, data_dir: str | os.PathLike) -> Path:
+def split_path(task: str | GlueTask, split: str, data_dir: str | os.PathLike) -> epath.Path:
   """The TSV file of `split`; raises FileNotFoundError naming the expected file."""
   task = get_task(task)
   layout = task.split(split)
@@ -72,9 +77,9 @@ def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
   return task.labels.index(value)
 
 
-def _read_lines(path: Path):
+def _read_lines(path: epath.Path):
   """Yields (line number, line) splitting on '\\n' only (GLUE text may hold a lone '\\r')."""
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for lineno, raw in enumerate(f, start=1):
       try:
         line = raw.decode("utf-8")
@@ -96,7 +101,7 @@ def parse_tsv(task: str | GlueTask, split: str, path: str | os.PathLike,
   """
   task = get_task(task)
   layout: SplitLayout = task.split(split)
-  path = Path(path)
+  path = epath.Path(path)
   examples: list[GlueExample] = []
   header_seen = not layout.header
   for lineno, line in _read_lines(path):
@@ -282,14 +287,15 @@ def encode_examples(examples: Sequence[GlueExample], tokenizer, max_seq_length: 
 # ---------------------------------------------------------------------------------------------
 # Submission files.
 
-def write_predictions(task: str | GlueTask, split: str, predictions, path: str | os.PathLike,
-                      indices: Sequence[int] | None = None) -> epath.Path:
-  """Writes a GLUE submission file: header `index\\tprediction`, then one row per example.
+def format_predictions(task: str | GlueTask, split: str, predictions,
+                       indices: Sequence[int] | None = None) -> tuple[str, str]:
+  """A GLUE submission file's (official name, text): header `index\\tprediction`, then one row
+  per example.
 
   `predictions`: label ids [N], logits [N, num_labels] (argmax is taken) or STS-B scores [N]
   (written with 3 decimals). Label ids are written as the task's label names (e.g. entailment).
-  `path`: a file, or an existing directory to write the official name into (e.g. MNLI-m.tsv).
-  `indices`: the examples' indices (default 0..N-1). Returns the path written.
+  `indices`: the examples' indices (default 0..N-1). The name is the official one (e.g.
+  MNLI-m.tsv).
   """
   task = get_task(task)
   task.split(split)
@@ -318,12 +324,20 @@ def write_predictions(task: str | GlueTask, split: str, predictions, path: str |
     indices = range(len(rows))
   elif len(indices) != len(rows):
     raise ValueError(f"got {len(indices)} indices for {len(rows)} predictions")
+  name = task.submission_files.get(split, f"{task.glue_name}-{split}.tsv")
+  return name, "index\tprediction\n" + "".join(f"{int(index)}\t{row}\n"
+                                                 for index, row in zip(indices, rows))
+
+
+def write_predictions(task: str | GlueTask, split: str, predictions, path: str | os.PathLike,
+                      indices: Sequence[int] | None = None) -> epath.Path:
+  """Writes `format_predictions` to `path`: a file, or an existing directory to write the
+  official name into (e.g. MNLI-m.tsv). Returns the path written."""
+  name, text = format_predictions(task, split, predictions, indices)
   path = os.fspath(path)
-  out = epath.Path(path if "://" in path else os.path.expanduser(path))  # local or gs://
+  out = local_or_remote(path)
   if out.is_dir():
-    name = task.submission_files.get(split, f"{task.glue_name}-{split}.tsv")
     out = out / name
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("index\tprediction\n" + "".join(f"{int(index)}\t{row}\n"
-                                                   for index, row in zip(indices, rows)))
+  out.write_text(text)
   return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-import jax
 import numpy as np
 
 from mobilebert_jax.compilation import jit_inference
@@ -76,8 +75,13 @@ def evaluate_loyalty(teacher_predict: Predictor, student_predict: Predictor,
                      arrays: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
   """Label loyalty (argmax agreement) and probability loyalty (mean 1 - sqrt(JSD), base 2) of the
   student to the teacher over `arrays`, both from float64 softmaxes of the logits."""
-  teacher = batched_logits(teacher_predict, arrays, batch_size)
-  student = batched_logits(student_predict, arrays, batch_size)
+  return loyalty_scores(batched_logits(teacher_predict, arrays, batch_size),
+                        batched_logits(student_predict, arrays, batch_size))
+
+
+def loyalty_scores(teacher: np.ndarray, student: np.ndarray) -> dict[str, float]:
+  """Label and probability loyalty of student logits [N, C] to teacher logits [N, C]."""
+  teacher, student = np.asarray(teacher), np.asarray(student)
   if teacher.shape != student.shape:
     raise ValueError(f"teacher logits {teacher.shape} and student logits {student.shape} differ "
                      "in shape: do the two models have the same number of labels?")

@@ -26,6 +26,7 @@ import re
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from mobilebert_jax.downstream.glue_data import GlueExample, encode_examples
 from mobilebert_jax.downstream.loyalty import Predictor, batched_logits, softmax
@@ -330,31 +331,28 @@ def write_results(path: str | os.PathLike, attack_summary: Mapping[str, float] |
   """Merges `attack_<key>` (from `summarize`) and `loyalty_<label|probability>` (from
   `evaluate_loyalty`) into `eval_results.json` (`path` is the file or its directory; the file is
   created if missing, other keys are kept). `records` go to `attack_examples.jsonl` beside it.
-  Returns the merged results."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, "eval_results.json")
+  Returns the merged results. Local or remote (gs://...) paths, through `etils.epath`."""
+  path = epath.Path(path)
+  if path.is_dir():
+    path = path / "eval_results.json"
   results = {}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      try:
-        results = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if path.exists():
+    try:
+      results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(results, dict):
       raise ValueError(f"{path}: expected a JSON object of metrics, got {type(results).__name__}")
   for key, value in (attack_summary or {}).items():
     results[f"attack_{key}"] = value
   for key, value in (loyalty or {}).items():
     results[f"loyalty_{key.removesuffix('_loyalty')}"] = value
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  tmp.write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
+  tmp.replace(path)
   if records is not None:
-    with open(os.path.join(os.path.dirname(os.path.abspath(path)), "attack_examples.jsonl"),
-              "w", encoding="utf-8") as f:
+    with (path.parent / "attack_examples.jsonl").open("w", encoding="utf-8") as f:
       for record in records:
         f.write(json.dumps(record.to_json()) + "\n")
   return results

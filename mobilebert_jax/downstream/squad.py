@@ -16,10 +16,11 @@ import json
 import os
 import re
 import string
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from mobilebert_jax.downstream.glue_data import local_or_remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +90,10 @@ def parse_squad(data: Mapping, path: str = "<squad json>") -> list[SquadExample]
 
 def read_squad(path: str | os.PathLike) -> list[SquadExample]:
   """Reads a local SQuAD v1.1 / v2.0 JSON file (train-v1.1.json, dev-v2.0.json, ...)."""
-  path = Path(os.path.expanduser(os.fspath(path)))
+  path = local_or_remote(path)
   if not path.is_file():
     raise FileNotFoundError(f"SQuAD file {str(path)!r} does not exist")
-  with open(path, encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:

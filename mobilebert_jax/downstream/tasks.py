@@ -1,6 +1,6 @@
 """The nine GLUE tasks: labels, TSV column layouts, metrics, splits and submission file names.
 
-Layouts follow the official GLUE distribution (`download_glue_data.py`, one directory per task:
+Layouts follow the official GLUE distribution (the official GLUE download script, one directory per task:
 CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI). Files are tab-separated without quoting.
 Every task has `train`, `dev` and `test` splits except MNLI, whose evaluation and test files come
 matched and mismatched (`dev_matched`, `dev_mismatched`, `test_matched`, `test_mismatched`), plus
@@ -147,7 +147,7 @@ _MNLI_SPLITS = {
                                 index=0),
     "test_mismatched": SplitLayout(("test_mismatched.tsv",), True, 10, text_a=8, text_b=9,
                                    label=None, index=0),
-    # The diagnostic set (index sentence1 sentence2): download_glue_data.py writes it to
+    # The diagnostic set (index sentence1 sentence2): the GLUE download script writes it to
     # glue_data/diagnostic/diagnostic.tsv; the GLUE site serves it as AX.tsv.
     "ax": SplitLayout(("diagnostic.tsv", "AX.tsv", "../diagnostic/diagnostic.tsv",
                        "../diagnostic/AX.tsv"), True, 3, text_a=1, text_b=2, label=None,

@@ -68,6 +68,10 @@ class ModelConfig:
       "conv<kernel>", "identity"), each a residual block with a post-LayerNorm at
       ``hidden_size``, in place of the transformer layers; empty for the usual layers. Needs
       ``use_bottleneck=False`` and ``num_layers == len(layer_ops)``.
+    scan_layers: run the (identical) transformer layers under ``nn.scan``, their parameters
+      stacked on a leading "layers" axis, so compile time does not grow with depth. Only the
+      model's own parameter layout changes (`to_model_layout` / `to_canonical_layout`); outputs
+      and saved checkpoints are the same. Not available with ``layer_ops``.
   """
 
   vocab_size: int = 30522
@@ -97,6 +101,7 @@ class ModelConfig:
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   layer_ops: tuple[str, ...] = ()
+  scan_layers: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layer_ops", tuple(self.layer_ops))
@@ -125,6 +130,9 @@ class ModelConfig:
       if self.attention_input != "layer_input":
         raise ValueError(
             f"ModelConfig.attention_input={self.attention_input!r} needs use_bottleneck=True")
+    if self.layer_ops and self.scan_layers:
+      raise ValueError("ModelConfig.scan_layers=True needs identical layers, but layer_ops (a NAS "
+                       "architecture) gives each layer its own op; set scan_layers=False")
     if self.layer_ops:
       if self.use_bottleneck:
         raise ValueError("ModelConfig.layer_ops (a NAS architecture) needs use_bottleneck=False")

@@ -21,6 +21,10 @@ from mobilebert_jax.models.outputs import EncoderOutput
 
 Dtype = Any
 ACTIVATION_AXES = ("batch", "length", "embed")
+# With `ModelConfig.scan_layers`, the scanned layers' submodule name and the logical name of the
+# leading axis their stacked parameters get (mapped to no mesh axis by the sharding rules).
+SCAN_NAME = "layers"
+SCAN_AXIS = "layers"
 
 
 class Embeddings(nn.Module):
@@ -153,8 +157,27 @@ class TransformerLayer(nn.Module):
     return nn.with_logical_constraint(x, ACTIVATION_AXES), probs, scores
 
 
+class ScanStep(TransformerLayer):
+  """A `TransformerLayer` in `nn.scan`'s form: returns (hidden, (hidden, probs, scores))."""
+
+  def __call__(self, hidden, mask, deterministic: bool = True):
+    hidden, probs, scores = super().__call__(hidden, mask, deterministic)
+    return hidden, (hidden, probs, scores)
+
+
+def _remat(layer_cls, cfg: ModelConfig, prevent_cse: bool = True):
+  """`layer_cls` rematerialised with the config's policy when `cfg.remat` is set."""
+  if not cfg.remat:
+    return layer_cls
+  return nn.remat(layer_cls, static_argnums=(3,), prevent_cse=prevent_cse,
+                  policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
+
+
 class Backbone(nn.Module):
   """Embeddings, `num_layers` transformer layers and (optionally) the [CLS] pooler.
+
+  The layers' parameters are `layer_0`, `layer_1`, ...; with `config.scan_layers` they are one
+  `layers` subtree stacked on a leading axis (see `models.layout`).
 
   Call with `input_ids` [B, L] int, optional `attention_mask` (1 = real token), `token_type_ids`,
   `position_ids`; `deterministic=False` enables dropout (needs a 'dropout' rng).
@@ -168,14 +191,17 @@ class Backbone(nn.Module):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(cfg, **kw)
-    layer_cls = NasLayer if cfg.layer_ops else TransformerLayer
-    if cfg.remat:
-      layer_cls = nn.remat(layer_cls, static_argnums=(3,),
-                           policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-    if cfg.layer_ops:  # a NAS-BERT architecture: one op per layer
-      self.layer = [layer_cls(cfg, op, **kw) for op in cfg.layer_ops]
+    if cfg.scan_layers:  # (ModelConfig rejects it with layer_ops, whose layers differ)
+      # One layer traced once and run num_layers times; parameters stacked on axis 0.
+      step = _remat(ScanStep, cfg, prevent_cse=False)
+      self.layers = nn.scan(
+          step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: SCAN_AXIS})(cfg, name=SCAN_NAME, **kw)
+    elif cfg.layer_ops:  # a NAS-BERT architecture: one op per layer
+      self.layer = [_remat(NasLayer, cfg)(cfg, op, **kw) for op in cfg.layer_ops]
     else:
-      self.layer = [layer_cls(cfg, **kw) for _ in range(cfg.num_layers)]
+      self.layer = [_remat(TransformerLayer, cfg)(cfg, **kw) for _ in range(cfg.num_layers)]
     if self.add_pooling_layer and cfg.classifier_activation:
       self.pooler = layers.dense(cfg.hidden_size, ("embed",), ("hidden_out",), name=None,
                                  stddev=cfg.initializer_range, **kw)
@@ -201,11 +227,20 @@ class Backbone(nn.Module):
 
     hidden = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)
     all_hidden, all_probs, all_scores = [hidden], [], []
-    for layer in self.layer:
-      hidden, probs, scores = layer(hidden, mask, deterministic)
-      all_hidden.append(hidden)
-      all_probs.append(probs)
-      all_scores.append(scores)
+    if self.config.scan_layers:
+      # Per-layer outputs come back stacked; outputs nobody asks for are dropped by jit.
+      hidden, stacked = self.layers(hidden, mask, deterministic)
+      for i in range(self.config.num_layers):
+        h, probs, scores = (x[i] for x in stacked)
+        all_hidden.append(h)
+        all_probs.append(probs)
+        all_scores.append(scores)
+    else:
+      for layer in self.layer:
+        hidden, probs, scores = layer(hidden, mask, deterministic)
+        all_hidden.append(hidden)
+        all_probs.append(probs)
+        all_scores.append(scores)
 
     pooled = None
     if self.add_pooling_layer:

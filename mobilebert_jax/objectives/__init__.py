@@ -4,7 +4,7 @@ Every loss is a pure, jit-able function computing in float32; see each module's 
 for the formulas and the shape conventions.
 """
 
-from mobilebert_jax.objectives.common import (as_f32, integer_cross_entropy, masked_mean,
+from mobilebert_jax.objectives.common import (accuracy, as_f32, integer_cross_entropy, masked_mean,
                                               soft_cross_entropy, weighted_mean)
 from mobilebert_jax.objectives.mobilebert import (attention_transfer, feature_map_mse,
                                                   feature_map_transfer, pretraining_distillation)
@@ -15,7 +15,7 @@ from mobilebert_jax.objectives.tinybert import (attention_score_loss, embedding_
                                                 uniform_layer_mapping)
 
 __all__ = [
-    "as_f32", "integer_cross_entropy", "masked_mean", "soft_cross_entropy", "weighted_mean",
+    "accuracy", "as_f32", "integer_cross_entropy", "masked_mean", "soft_cross_entropy", "weighted_mean",
     "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy",
     "feature_map_mse", "feature_map_transfer", "attention_transfer", "pretraining_distillation",
     "embedding_loss", "hidden_loss", "attention_score_loss", "prediction_loss",

@@ -34,6 +34,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab_extra", "fsdp"),
     ("kv", None),
     ("labels", None),
+    ("layers", None),
 )
 
 
@@ -81,9 +82,11 @@ def fit_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> Partition
   return PartitionSpec(*fitted)
 
 
-def param_shardings(boxed_abstract: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """NamedShardings for a boxed abstract params tree (e.g. from `jax.eval_shape(model.init)`)."""
+def logical_shardings(boxed_abstract: Any, mesh: Mesh,
+                      rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """NamedShardings for every leaf of a boxed abstract tree (parameters from
+  `jax.eval_shape(model.init)`, or a whole train state): each leaf's logical axes mapped by
+  `rules`, mesh axes that do not divide a dimension dropped, unannotated leaves replicated."""
   mesh_specs = nn.logical_to_mesh(logical_specs(boxed_abstract), rules)
   shapes = nn.meta.unbox(boxed_abstract)
   return jax.tree.map(

@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mobilebert_jax.quantization import common
 
@@ -214,8 +213,3 @@ def init_lsq_steps(model: nn.Module, params: Mapping, batch: Any, *, weight_bits
     raise ValueError(f"{type(model).__name__} called no DenseGeneral layer; no steps to create")
   return common.map_modules(
       lambda calls: jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *calls), per_module)
-
-
-def step_count(steps: Mapping) -> int:
-  """Number of learned step parameters in a steps tree."""
-  return int(sum(np.prod(np.shape(s)) for s in jax.tree.leaves(steps)))

@@ -24,6 +24,8 @@ from etils import epath
 from mobilebert_jax.compilation import jit_inference
 from mobilebert_jax.models import ModelConfig
 from mobilebert_jax.models.config import parse_op
+from mobilebert_jax.models.encoder import Embeddings
+from mobilebert_jax.models.nas_layers import NasLayer
 
 log = logging.getLogger(__name__)
 LATENCY_TABLE_VERSION = 1
@@ -171,8 +173,6 @@ def measure_latency_table(space, *, batch_size: int, seq_length: int, repeats: i
   Each entry is the median of `repeats` jitted forward calls on random weights and inputs of
   shape [batch_size, seq_length] after a warm-up call.
   """
-  from mobilebert_jax.models.encoder import Embeddings
-  from mobilebert_jax.models.nas_layers import NasLayer
   rng = np.random.default_rng(seed)
   ids = jnp.asarray(rng.integers(0, space.base.vocab_size, (batch_size, seq_length)), jnp.int32)
   mask = jnp.ones((batch_size, seq_length), bool)

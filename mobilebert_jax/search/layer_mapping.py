@@ -30,14 +30,20 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import ml_collections
 import numpy as np
+from etils import epath
 
+from mobilebert_jax import data as data_lib
+from mobilebert_jax.data.records import write_json, write_text_atomic
+from mobilebert_jax.default_config import optimizer
+from mobilebert_jax.downstream import get_task, glue_score
 from mobilebert_jax.objectives.tinybert import parse_layer_mapping, uniform_layer_mapping
+from mobilebert_jax.pretrained import checkpoint_config
+from mobilebert_jax.stages import Trainer, model_config, stage_names
 
 log = logging.getLogger("mobilebert_jax")
 
@@ -294,7 +300,6 @@ def check_block(block: Any, keys: Sequence[str], where: str) -> None:
 def parse_tasks(value: str, data_dir: str = "") -> list[tuple[str, str]]:
   """Proxy tasks from "sst2,mnli" or "sst2=DIR,mnli": (registry name, GLUE data dir) pairs;
   entries without "=DIR" use `data_dir` (empty: tensorflow-datasets `glue/<task>`)."""
-  from mobilebert_jax.downstream import get_task
   out = []
   for entry in [e.strip() for e in str(value).split(",") if e.strip()]:
     name, _, directory = entry.partition("=")
@@ -303,7 +308,7 @@ def parse_tasks(value: str, data_dir: str = "") -> list[tuple[str, str]]:
     except KeyError as e:
       raise ValueError(f"config.proxy.tasks={value!r}: {e.args[0]}") from None
     directory = directory.strip() or data_dir or ""
-    if directory and "://" not in directory and not os.path.isdir(directory):
+    if directory and not epath.Path(directory).is_dir():
       raise FileNotFoundError(f"config.proxy.tasks: the data directory {directory!r} of task "
                               f"{task.name!r} does not exist")
     if task.name in [t for t, _ in out]:
@@ -314,28 +319,9 @@ def parse_tasks(value: str, data_dir: str = "") -> list[tuple[str, str]]:
   return out
 
 
-def checkpoint_config(path: str):
-  """The ModelConfig of a native or Hugging Face checkpoint, without reading its weights."""
-  from etils import epath
-
-  from mobilebert_jax import pretrained
-  from mobilebert_jax.interop import hf
-  from mobilebert_jax.models import ModelConfig
-  if not epath.Path(path).is_dir():
-    raise FileNotFoundError(f"{path}: no such checkpoint directory")
-  if pretrained.is_native_dir(path):
-    return ModelConfig.from_dict(pretrained.read_native_meta(path)["model"],
-                                 source=os.path.join(path, pretrained.NATIVE_CONFIG))
-  if hf.is_hf_dir(path):
-    return hf.config_from_hf(hf.read_hf_config(path), source=os.path.join(path, "config.json"))
-  raise ValueError(f"{path}: no model config found (expected {pretrained.NATIVE_CONFIG} or a "
-                   "Hugging Face config.json)")
-
-
 def task_score(task: str, results: Mapping[str, float]) -> Optional[float]:
   """A task's dev score from eval_results.json values: its GLUE score (the mean of its official
   metrics), averaged over its evaluation splits (MNLI: matched and mismatched); None if absent."""
-  from mobilebert_jax.downstream import get_task, glue_score
   task = get_task(task)
   per_split = []
   for split in task.eval_splits:
@@ -343,14 +329,6 @@ def task_score(task: str, results: Mapping[str, float]) -> Optional[float]:
     if len(values) == len(task.metrics):
       per_split.append(glue_score(task, values))
   return float(np.mean(per_split)) if per_split else None
-
-
-def _write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically (a temporary file renamed over `path`)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
 
 
 class ProxyScorer:
@@ -369,7 +347,6 @@ class ProxyScorer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    from mobilebert_jax.training.trainer import model_config, stage_names
     self.config = config
     self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self.proxy = config.get("proxy", None)
@@ -392,7 +369,7 @@ class ProxyScorer:
     if not 0.0 <= float(self.proxy.finetune_warmup_fraction) <= 1.0:
       raise ValueError(f"config.proxy.finetune_warmup_fraction must be in [0, 1], got "
                        f"{self.proxy.finetune_warmup_fraction!r}")
-    teacher = config.get("teacher_checkpoint", "")
+    teacher = config.teacher_checkpoint
     if not teacher:
       raise ValueError("config.teacher_checkpoint is empty: the proxy distils from a pretrained "
                        "teacher; pass --config.teacher_checkpoint=DIR (native or Hugging Face)")
@@ -423,20 +400,19 @@ class ProxyScorer:
     stage.layer_mapping = format_layer_mapping(mapping)
     with stage.unlocked():
       stage.layer_mapping_order = self.order
-    warmup = int(stage.optimizer.get("warmup_steps", 0))
+    warmup = int(stage.optimizer.warmup_steps)
     stage.optimizer.warmup_steps = min(steps, int(round(warmup * steps / full_steps)))
     if self.corpus is not None:
       c.data.input_files = self.corpus
-    if c.data.get("input_files", ""):  # text files take precedence over tfds_name
+    if c.data.input_files:  # text files take precedence over tfds_name
       c.data.update(dict(tfds_name="", max_documents=0, prepared_dir="", require_prepared=False))
     # Every mapping's run reads the same corpus, prepared once for the whole search.
-    c.data.cache_dir = c.data.get("cache_dir", "") or os.path.join(self.workdir, "prepared_data")
+    c.data.cache_dir = c.data.cache_dir or os.path.join(self.workdir, "prepared_data")
     return c
 
   def finetune_config(self, student_dir: str, task: str,
                       data_dir: str) -> ml_collections.ConfigDict:
     """The short fine-tuning of a distilled student on one proxy task."""
-    from mobilebert_jax.default_config import optimizer
     c = self._base()
     c.stages = FINETUNE_STAGE
     c.task = task
@@ -446,11 +422,11 @@ class ProxyScorer:
     c.student_checkpoint = ""
     c.data.batch_size = int(self.proxy.finetune_batch_size)
     steps = int(self.proxy.finetune_steps)
-    opt = optimizer(learning_rate=float(self.proxy.finetune_learning_rate),
-                    warmup_steps=int(round(float(self.proxy.finetune_warmup_fraction) * steps)))
+    opt = optimizer(learning_rate=float(self.proxy.finetune_learning_rate), warmup_steps=0)
     opt.optimizer = "adamw"
     c[FINETUNE_STAGE] = ml_collections.ConfigDict(dict(
-        strategy="finetune", model="student", num_steps=steps, optimizer=opt))
+        strategy="finetune", model="student", num_steps=steps, optimizer=opt,
+        warmup_fraction=float(self.proxy.finetune_warmup_fraction)))
     return c
 
   def _sample_corpus(self) -> Optional[str]:
@@ -461,31 +437,26 @@ class ProxyScorer:
     if n == 0:
       return None
     path = os.path.join(self.workdir, CORPUS_FILE)
-    if os.path.exists(path):
+    if epath.Path(path).exists():
       return path
-    from mobilebert_jax import data as data_lib
     cfg = self.config.data
-    if not cfg.get("input_files", "") and not cfg.get("tfds_name", "") and \
-        cfg.get("prepared_dir", ""):
+    if not cfg.input_files and not cfg.tfds_name and \
+        cfg.prepared_dir:
       raise ValueError("config.proxy.corpus_documents samples documents from the raw corpus, "
                        "but the config names only data.prepared_dir: set data.input_files or "
                        "data.tfds_name too, or proxy.corpus_documents=0 to distil on the "
                        "prepared data")
-    if cfg.get("tfds_name", "") and not cfg.get("input_files", ""):
+    if cfg.tfds_name and not cfg.input_files:
       docs = data_lib.read_tfds_documents(
-          cfg.tfds_name, cfg.get("tfds_data_dir", ""), cfg.get("tfds_split", "train"),
-          cfg.get("tfds_text_key", "text"), max_documents=n)
+          cfg.tfds_name, cfg.tfds_data_dir, cfg.tfds_split,
+          cfg.tfds_text_key, max_documents=n)
     else:
-      docs = data_lib.read_text_documents(cfg.get("input_files", "")
+      docs = data_lib.read_text_documents(cfg.input_files
                                           or str(data_lib.sample_text_path()))
       if n < len(docs):
-        rng = np.random.default_rng(int(self.config.get("seed", 0)))
+        rng = np.random.default_rng(int(self.config.seed))
         docs = [docs[i] for i in np.sort(rng.choice(len(docs), n, replace=False))]
-    os.makedirs(self.workdir, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("\n\n".join("\n".join(doc) for doc in docs) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n\n".join("\n".join(doc) for doc in docs) + "\n")
     log.info("proxy corpus: %d documents in %s", len(docs), path)
     return path
 
@@ -494,28 +465,25 @@ class ProxyScorer:
   def finished(self) -> dict[LayerMapping, float]:
     """Scores of the mapping runs already finished in the workdir (for resuming a search)."""
     out = {}
-    if not os.path.isdir(self.workdir):
+    if not epath.Path(self.workdir).is_dir():
       return out
-    for name in sorted(os.listdir(self.workdir)):
-      path = os.path.join(self.workdir, name, SCORE_FILE)
-      if name.startswith(RUN_PREFIX) and os.path.exists(path):
-        with open(path) as f:
-          saved = json.load(f)
+    for name in sorted(p.name for p in epath.Path(self.workdir).iterdir()):
+      path = epath.Path(self.workdir, name, SCORE_FILE)
+      if name.startswith(RUN_PREFIX) and path.exists():
+        saved = json.loads(path.read_text())
         out[parse_layer_mapping(saved["layer_mapping"], self.num_student_layers,
                                 self.num_teacher_layers, order="any")] = float(saved["score"])
     return out
 
   def __call__(self, mapping: Sequence[int]) -> float:
-    from mobilebert_jax.training.trainer import Trainer
     # The tinybert strategy's own check (with this search's order): it must be distillable.
     mapping = parse_layer_mapping(tuple(mapping), self.num_student_layers,
                                   self.num_teacher_layers, order=self.order)
     name = format_layer_mapping(mapping)
     run = self.run_dir(mapping)
     score_path = os.path.join(run, SCORE_FILE)
-    if os.path.exists(score_path):
-      with open(score_path) as f:
-        return float(json.load(f)["score"])
+    if epath.Path(score_path).exists():
+      return float(json.loads(epath.Path(score_path).read_text())["score"])
     log.info("layer mapping %s: distilling for %d steps in %s", name, self.proxy.num_steps, run)
     distill_dir = os.path.join(run, "distill")
     outputs = Trainer(self.distill_config(mapping), distill_dir).run()
@@ -529,22 +497,20 @@ class ProxyScorer:
       done = Trainer(self.finetune_config(outputs["student"], task, data_dir), task_dir).run()
       if "student" not in done:
         raise RuntimeError(f"the proxy fine-tuning in {task_dir} stopped early; rerun to resume")
-      results_path = os.path.join(task_dir, "eval_results.json")
-      results = {}
-      if os.path.exists(results_path):
-        with open(results_path) as f:
-          results = json.load(f)
+      results_path = epath.Path(task_dir, "eval_results.json")
+      results = json.loads(results_path.read_text()) if results_path.exists() else {}
       scores[task] = task_score(task, results)
       if scores[task] is None:
         raise RuntimeError(f"{results_path} has no dev metrics for {task!r} (got "
                            f"{sorted(results)}); delete {task_dir} and rerun")
     score = float(np.mean(list(scores.values())))
-    _write_json(score_path, {"layer_mapping": name, "score": score, "tasks": scores})
+    write_json(score_path, {"layer_mapping": name, "score": score, "tasks": scores})
     log.info("layer mapping %s: proxy score %.4f %s", name, score, scores)
     if self.proxy.cleanup:  # the checkpoints only served resuming; finals and results stay
       for path in [os.path.join(distill_dir, self.stage, "checkpoints")] + [
           os.path.join(run, task, FINETUNE_STAGE, "checkpoints") for task, _ in self.tasks]:
-        shutil.rmtree(path, ignore_errors=True)
+        if epath.Path(path).exists():
+          epath.Path(path).rmtree()
     return score
 
 
@@ -563,10 +529,9 @@ def parse_initial(value: Any) -> list[str]:
 def load_scores(path: str, num_student_layers: int,
                 num_teacher_layers: int) -> dict[LayerMapping, float]:
   """The {mapping: score} of a `layer_mapping.json` (empty if there is none)."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return {}
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(epath.Path(path).read_text())
   return {parse_layer_mapping(k, num_student_layers, num_teacher_layers, order="any"): float(v)
           for k, v in saved.get("scores", {}).items()}
 
@@ -582,8 +547,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   path = os.path.join(scorer.workdir, RESULT_FILE)
   cache = load_scores(path, m_total, n_total)
   if cache:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(epath.Path(path).read_text())
     if saved.get("proxy") != config.proxy.to_dict():
       log.warning("%s was written with other proxy settings (%s); its scores are reused: use a "
                   "new workdir to score afresh", path, saved.get("proxy"))
@@ -595,7 +559,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   usage = lambda mapping: f"--config.{scorer.stage}.layer_mapping={mapping}{free}"
 
   def write(record: dict, finished: bool) -> None:
-    _write_json(path, {
+    write_json(path, {
         "layer_mapping": record["best_layer_mapping"], "score": record["best_score"],
         "usage": usage(record["best_layer_mapping"]), "finished": finished,
         "num_student_layers": m_total, "num_teacher_layers": n_total,
@@ -629,7 +593,6 @@ def main(argv: Sequence[str]) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("mobilebert_jax").setLevel(logging.INFO)
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  from mobilebert_jax.training.trainer import stage_names
   result = run_search(config, workdir)
   stage = stage_names(config)[0]
   print(f"best layer mapping: {result.layer_mapping} (proxy score {result.best_score:.4f}; "

@@ -1,8 +1,9 @@
 """The NAS-BERT stage: block-wise supernet training, pruning, search and extraction.
 
-A trainer stage with ``strategy="nas"`` (see configs/nas_bert.py) runs here, on the trainer's
-mesh, data pipeline, optimizer, jitted step (`make_train_step`), loop (`Trainer.train_steps`:
-logging, checkpoints with exact resume, stop signals) and checkpoints:
+A stage with ``strategy="nas"`` (see configs/nas_bert.py) drives its own loop here
+(`run_nas_stage(env)`, a `StageEnv`), on the training core: the run's mesh, data pipeline,
+optimizer, jitted step (`make_train_step`), loop (`train_loop`: logging, checkpoints with exact
+resume, stop signals) and checkpoints:
 
 1. Train the supernet block-wise against the teacher (the latest trained or loaded one): every
    step samples one valid candidate path per block and minimises the summed block MSEs.
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mobilebert_jax import pretrained
@@ -38,10 +40,20 @@ from mobilebert_jax.parallel import sharding
 from mobilebert_jax.search import costs, selection, supernet
 from mobilebert_jax.search.supernet import SearchSpace
 from mobilebert_jax.training import optimizer as optim
-from mobilebert_jax.training.checkpointing import Checkpointer
+from mobilebert_jax.training.core import (jit_train_step, make_train_step, put_global,
+                                          state_layout, to_host)
 
 log = logging.getLogger("mobilebert_jax")
 ARCHITECTURES_FILE = "architectures.json"
+# The nas stage's keys and defaults (the stage registry fills them in): the search space, the
+# candidates and pruning (the accuracy proxy), the latency table and the budgets.
+STAGE_KEYS = dict(
+    num_layers=4, num_blocks=2, hidden_sizes=(32, 48, 64), mha_heads=(2, 4), ffn_sizes=(64, 128),
+    conv_kernels=(3, 5), identity=True,
+    max_candidates=512, prune_every=100, prune_fraction=0.5, prune_bins=1, min_keep=2,
+    eval_batches=2,
+    latency_table="", latency_batch_size=1, latency_seq_length=0, latency_repeats=10,
+    param_budgets=(), latency_budgets_ms=(), beam_size=64)
 
 
 def search_space(stage: ml_collections.ConfigDict, base: ModelConfig) -> SearchSpace:
@@ -59,15 +71,15 @@ def search_space(stage: ml_collections.ConfigDict, base: ModelConfig) -> SearchS
 def budgets(stage) -> list[dict]:
   """The stage's budgets: one dict per entry of param_budgets / latency_budgets_ms."""
   out = [{"name": f"params_{int(b)}", "max_params": float(b)}
-         for b in stage.get("param_budgets", ())]
+         for b in stage.param_budgets]
   out += [{"name": f"latency_{float(b):g}ms", "max_latency_ms": float(b)}
-          for b in stage.get("latency_budgets_ms", ())]
+          for b in stage.latency_budgets_ms]
   if not out:
     raise ValueError("a nas stage needs at least one budget: param_budgets or latency_budgets_ms")
   return out
 
 
-def check_stage(name: str, stage, student: ModelConfig, teacher: ModelConfig) -> SearchSpace:
+def check_stage(name: str, stage, teacher: ModelConfig, student: ModelConfig) -> SearchSpace:
   """Validates a nas stage config before any compute; returns its search space."""
   space = search_space(stage, student)
   budgets(stage)
@@ -79,8 +91,8 @@ def check_stage(name: str, stage, student: ModelConfig, teacher: ModelConfig) ->
                      f"student's {student.vocab_size}")
   for key in ("prune_every", "prune_bins", "min_keep", "eval_batches", "max_candidates",
               "beam_size"):
-    if int(stage.get(key, 1)) < 1:
-      raise ValueError(f"config.{name}.{key} must be >= 1, got {stage.get(key)!r}")
+    if int(stage[key]) < 1:
+      raise ValueError(f"config.{name}.{key} must be >= 1, got {stage[key]!r}")
   return space
 
 
@@ -107,37 +119,35 @@ class _Scorer:
     return scores
 
 
-def run_nas_stage(trainer, name: str, index: int) -> bool:
-  """Runs (or resumes) the nas stage `name` of `trainer`; False if a stop signal ended it."""
-  from mobilebert_jax.training.trainer import make_train_step, put_global, state_layout, to_host
-  cfg, stage = trainer.config, trainer.config[name]
-  stage_dir = os.path.join(trainer.workdir, name)
-  out_path = os.path.join(trainer.workdir, ARCHITECTURES_FILE)
+def run_nas_stage(env) -> bool:
+  """Runs (or resumes) the nas stage of `env` (a `StageEnv`); False if a stop signal ended it."""
+  name, stage = env.name, env.stage
+  stage_dir = env.stage_dir
+  out_path = os.path.join(env.workdir, ARCHITECTURES_FILE)
   if epath.Path(stage_dir, ARCHITECTURES_FILE).exists():
     log.info("stage %r already finished; architectures in %s", name, out_path)
     return True
-  teacher_cfg = trainer.model_configs["teacher"]
-  space = check_stage(name, stage, trainer.model_configs["student"], teacher_cfg)
-  mesh, rules = trainer.mesh, trainer.rules
-  seed = int(cfg.get("seed", 0))
+  teacher_cfg = env.teacher.config
+  space = check_stage(name, stage, teacher_cfg, env.student.config)
+  mesh, rules = env.mesh, env.rules
   num_steps = int(stage.num_steps)
 
-  teacher_backbone = trainer.latest["teacher"]
-  if trainer.heads["teacher"] != "base":
+  teacher_backbone = env.teacher.params
+  if env.teacher.head != "base":
     teacher_backbone = teacher_backbone["backbone"]
   teacher_boxed = jax.eval_shape(lambda: pretrained.init_params(
       Backbone(teacher_cfg), teacher_cfg, jax.random.PRNGKey(0), boxed=True))
   teacher_params = {"backbone": put_global(
-      teacher_backbone, sharding.param_shardings(teacher_boxed, mesh, rules))}
+      teacher_backbone, sharding.logical_shardings(teacher_boxed, mesh, rules))}
 
-  candidates = supernet.candidate_paths(space, int(stage.max_candidates), seed)
-  groups = prune_groups(space, candidates, int(stage.get("prune_bins", 1)))
+  candidates = supernet.candidate_paths(space, int(stage.max_candidates), env.seed)
+  groups = prune_groups(space, candidates, int(stage.prune_bins))
   log.info("stage %r: %d blocks x %d layers, %d paths per block, %d candidates per block", name,
            space.num_blocks, space.layers_per_block, space.paths_per_block(), candidates.shape[1])
   replicated = NamedSharding(mesh, PartitionSpec())
   candidates_dev = jax.device_put(candidates, replicated)
 
-  rng = jax.random.PRNGKey(seed + 1000 * index)
+  rng = jax.random.PRNGKey(env.seed + 1000 * env.index)
   abstract_boxed = jax.eval_shape(lambda k: supernet.init_supernet(space, teacher_cfg.hidden_size,
                                                                    k), rng)
   opt_cfg = ml_collections.ConfigDict(stage.optimizer.to_dict())
@@ -153,23 +163,19 @@ def run_nas_stage(trainer, name: str, index: int) -> bool:
     metrics = {f"block_{b}_loss": losses[b] for b in range(space.num_blocks)}
     return jnp.sum(losses), metrics
 
-  batch_sh = sharding.batch_sharding(mesh)
+  batch_sh = env.batch_sharding
   context_sh = (jax.tree.map(lambda x: x.sharding, teacher_params), replicated, replicated)
-  step_fn = jax.jit(make_train_step(loss_fn, tx, schedule, int(opt_cfg.get("grad_accum_steps", 1))),
-                    in_shardings=(shardings, context_sh, batch_sh),
-                    out_shardings=(shardings, None), donate_argnums=(0,))
+  step_fn = jit_train_step(make_train_step(loss_fn, tx, schedule, int(opt_cfg.grad_accum_steps)),
+                           shardings, context_sh, batch_sh)
 
-  dataset = trainer.dataset_for(name, index)
+  dataset = env.dataset(0)
   dataset.check_vocab_size(space.base.vocab_size)
-  eval_data = trainer.dataset_for(name, index + 7919)  # other masking/order, same corpus
+  eval_data = env.dataset(7919)  # other masking/order, same corpus
   eval_batches = [to_global_arrays(next(eval_data), batch_sh)
                   for _ in range(int(stage.eval_batches))]
   scorer = _Scorer(space, teacher_cfg, teacher_params, eval_batches)
 
-  checkpointer = Checkpointer(
-      os.path.join(stage_dir, "checkpoints"),
-      save_every_steps=int(cfg.checkpoint.save_every_steps), keep=int(cfg.checkpoint.get("keep", 3)),
-      async_save=bool(cfg.checkpoint.get("async_save", True)))
+  checkpointer = env.checkpointer()
   valid = np.ones(candidates.shape[:2], bool)
   if checkpointer.latest_step() is not None:
     state, extra = checkpointer.restore(abstract_state)
@@ -198,10 +204,10 @@ def run_nas_stage(trainer, name: str, index: int) -> bool:
     mask_dev[0] = jax.device_put(valid, replicated)
     log.info("stage %r step %d: pruned to %s valid candidates per block", name, done,
              valid.sum(axis=1).tolist())
-    trainer.writer.write(done, {"valid_candidates": float(valid.sum())}, stage=name)
+    env.writer.write(done, {"valid_candidates": float(valid.sum())}, stage=name)
 
   try:
-    state = trainer.train_steps(
+    state = env.train(
         name, num_steps, step_fn, state, dataset, checkpointer, batch_sh,
         context=lambda: (teacher_params, candidates_dev, mask_dev[0]), after_step=after_step,
         extra=lambda: {"valid": valid.tolist()})
@@ -211,25 +217,25 @@ def run_nas_stage(trainer, name: str, index: int) -> bool:
     return False
 
   scores = scorer(state.params, candidates, valid)
-  table = latency_table(trainer, stage, space, stage_dir)
+  table = latency_table(env, space)
   params = to_host(state.params)
   entries = []
   for budget in budgets(stage):
     found = search(space, candidates, valid, scores, table, budget,
-                   beam_size=int(stage.get("beam_size", 64)))
+                   beam_size=int(stage.beam_size))
     if found is None:
       log.warning("stage %r: no architecture fits budget %s", name, budget)
       continue
     hidden, ops, block_losses = found
     config, backbone = supernet.extract(space, params, hidden, ops,
-                                        jax.random.PRNGKey(seed + len(entries)))
+                                        jax.random.PRNGKey(env.seed + len(entries)))
     path = os.path.join(stage_dir, budget["name"])
-    pretrained.save_pretrained(path, config, backbone, "base", tokenizer_dir=trainer.tokenizer_dir(),
+    pretrained.save_pretrained(path, config, backbone, "base", tokenizer_dir=env.tokenizer_dir,
                                extra={"stage": name, "budget": budget})
     entries.append({
         "budget": {k: v for k, v in budget.items() if k != "name"}, "name": budget["name"],
         "params": costs.model_params(config), "latency_ms": table.latency_ms(hidden, ops),
-        "flops_per_sequence": costs.model_flops(config, int(cfg.data.max_seq_length)),
+        "flops_per_sequence": costs.model_flops(config, int(env.config.data.max_seq_length)),
         "hidden_size": hidden, "ops": list(ops), "proxy_loss": float(sum(block_losses)),
         "block_losses": [float(x) for x in block_losses], "config": config.to_dict(),
         "checkpoint": path})
@@ -239,7 +245,7 @@ def run_nas_stage(trainer, name: str, index: int) -> bool:
   if not entries:
     raise ValueError(f"stage {name!r}: no architecture fits any budget {budgets(stage)}; raise "
                      "the budgets or widen the search space")
-  if trainer.primary:
+  if env.primary:
     text = json.dumps({"device": table.device, "architectures": entries}, indent=2)
     epath.Path(stage_dir, "scores.json").write_text(json.dumps(
         {"candidates": candidates.tolist(), "valid": valid.tolist(),
@@ -249,20 +255,21 @@ def run_nas_stage(trainer, name: str, index: int) -> bool:
   return True
 
 
-def latency_table(trainer, stage, space: SearchSpace, stage_dir: str) -> costs.LatencyTable:
+def latency_table(env, space: SearchSpace) -> costs.LatencyTable:
   """The stage's latency table: the configured JSON, a cached one, or a fresh measurement."""
-  given = stage.get("latency_table", "") or ""
-  cached = os.path.join(stage_dir, "latency_table.json")
+  stage = env.stage
+  given = stage.latency_table
+  cached = os.path.join(env.stage_dir, "latency_table.json")
   path = given or (cached if epath.Path(cached).exists() else "")
   if path:
     table = costs.LatencyTable.load(path)
   else:
     table = costs.measure_latency_table(
-        space, batch_size=int(stage.get("latency_batch_size", 1)),
-        seq_length=int(stage.get("latency_seq_length", trainer.config.data.max_seq_length)),
-        repeats=int(stage.get("latency_repeats", 10)), seed=int(trainer.config.get("seed", 0)))
+        space, batch_size=int(stage.latency_batch_size),
+        seq_length=int(stage.latency_seq_length or env.config.data.max_seq_length),
+        repeats=int(stage.latency_repeats), seed=env.seed)
     table = _same_on_every_process(table)
-    if trainer.primary:
+    if env.primary:
       table.save(cached)
     log.info("latency table measured on %s, saved to %s", table.device, cached)
   missing = table.covers(space)
@@ -276,7 +283,6 @@ def _same_on_every_process(table: costs.LatencyTable) -> costs.LatencyTable:
   """Process 0's measurement everywhere (every process must pick the same architectures)."""
   if jax.process_count() == 1:
     return table
-  from jax.experimental import multihost_utils
   keys = sorted((h, op) for h, ops in table.ops.items() for op in ops)
   values = np.asarray([table.ops[h][op] for h, op in keys] +
                       [table.embeddings[h] for h in sorted(table.embeddings)], np.float64)

@@ -46,35 +46,35 @@ DEFAULTS = {
 
 def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int,
                            end_lr: float = 0.0, power: float = 1.0) -> Schedule:
-    """Linear warm-up then polynomial decay, as a jit-able `step -> lr` function:
+  """Linear warm-up then polynomial decay, as a jit-able `step -> lr` function:
 
-        lr(s) = base_lr * s / warmup_steps                                  for s < warmup
-        lr(s) = (base_lr - end_lr) * (1 - (s - warmup) / (total - warmup))^power + end_lr
-                                                                            for s >= warmup
-    clamped to end_lr for s >= total_steps. lr(0) = 0 when warmup_steps > 0.
-    """
-    if not base_lr >= 0:
-        raise ValueError(f"base_lr must be >= 0, got {base_lr!r}")
-    if not end_lr >= 0:
-        raise ValueError(f"end_lr must be >= 0, got {end_lr!r}")
-    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if int(total_steps) != total_steps or total_steps < warmup_steps:
-        raise ValueError(
-            f"total_steps must be an int >= warmup_steps ({warmup_steps}), got {total_steps!r}")
-    if not power > 0:
-        raise ValueError(f"power must be > 0, got {power!r}")
-    warmup, total = int(warmup_steps), int(total_steps)
-    decay_steps = max(total - warmup, 1)
+      lr(s) = base_lr * s / warmup_steps                                  for s < warmup
+      lr(s) = (base_lr - end_lr) * (1 - (s - warmup) / (total - warmup))^power + end_lr
+                                                                          for s >= warmup
+  clamped to end_lr for s >= total_steps. lr(0) = 0 when warmup_steps > 0.
+  """
+  if not base_lr >= 0:
+    raise ValueError(f"base_lr must be >= 0, got {base_lr!r}")
+  if not end_lr >= 0:
+    raise ValueError(f"end_lr must be >= 0, got {end_lr!r}")
+  if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+  if int(total_steps) != total_steps or total_steps < warmup_steps:
+    raise ValueError(
+        f"total_steps must be an int >= warmup_steps ({warmup_steps}), got {total_steps!r}")
+  if not power > 0:
+    raise ValueError(f"power must be > 0, got {power!r}")
+  warmup, total = int(warmup_steps), int(total_steps)
+  decay_steps = max(total - warmup, 1)
 
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = base_lr * step / max(warmup, 1)
-        frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        decayed = (base_lr - end_lr) * (1.0 - frac) ** power + end_lr
-        return jnp.where(step < warmup, warm, decayed)
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * step / max(warmup, 1)
+    frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    decayed = (base_lr - end_lr) * (1.0 - frac) ** power + end_lr
+    return jnp.where(step < warmup, warm, decayed)
 
-    return schedule
+  return schedule
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,161 +82,182 @@ def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int,
 # ----------------------------------------------------------------------------------------
 
 def _key_name(key) -> Optional[str]:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return None if key.name == "value" else key.name  # flax boxes keep the array in .value
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return None if key.name == "value" else key.name  # flax boxes keep the array in .value
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
 
 
 def param_path(path) -> tuple[str, ...]:
-    """Names along a `jax.tree_util` key path (box `.value` attributes dropped)."""
-    return tuple(n for n in (_key_name(k) for k in path) if n is not None)
+  """Names along a `jax.tree_util` key path (box `.value` attributes dropped)."""
+  return tuple(n for n in (_key_name(k) for k in path) if n is not None)
 
 
 def decay_mask(params) -> Any:
-    """Pytree of bools matching `params`: True where weight decay applies.
+  """Pytree of bools matching `params`: True where weight decay applies.
 
-    False for leaves named `bias` or `scale`, for every leaf under a module whose
-    name contains "norm" (case-insensitive: LayerNorm, NoNorm, `norm`, ...) and for
-    learned quantization step sizes (under `lsq_steps`); True for everything else
-    (kernels, embeddings).
-    """
-    def is_decayed(path, _):
-        names = param_path(path)
-        if not names:
-            return True
-        if names[-1] in ("bias", "scale") or "lsq_steps" in names:
-            return False
-        return not any("norm" in n.lower() for n in names[:-1])
+  False for leaves named `bias` or `scale`, for every leaf under a module whose
+  name contains "norm" (case-insensitive: LayerNorm, NoNorm, `norm`, ...) and for
+  learned quantization step sizes (under `lsq_steps`); True for everything else
+  (kernels, embeddings).
+  """
+  def is_decayed(path, _):
+    names = param_path(path)
+    if not names:
+      return True
+    if names[-1] in ("bias", "scale") or "lsq_steps" in names:
+      return False
+    return not any("norm" in n.lower() for n in names[:-1])
 
-    return jax.tree_util.tree_map_with_path(is_decayed, params)
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 def path_multipliers(params, rules: Sequence[tuple[str, Any]], default: Any = 1.0) -> Any:
-    """Tree matching `params` whose leaves are multipliers chosen by regex over paths.
+  """Tree matching `params` whose leaves are multipliers chosen by regex over paths.
 
-    Each leaf's '/'-joined path is tested with `re.search` against `rules` in order
-    [(regex, value), ...]; the first match gives its value, else `default`. Values may
-    be floats or traced jnp scalars (e.g. computed from the step inside `multiplier_fn`).
-    """
-    compiled = []
-    for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-            raise ValueError(f"rule {i} must be a (regex, multiplier) pair, got {rule!r}")
-        pattern, value = rule
-        try:
-            compiled.append((re.compile(pattern), value))
-        except (re.error, TypeError) as err:
-            raise ValueError(f"rule {i}: invalid regex {pattern!r}: {err}") from None
+  Each leaf's '/'-joined path is tested with `re.search` against `rules` in order
+  [(regex, value), ...]; the first match gives its value, else `default`. Values may
+  be floats or traced jnp scalars (e.g. computed from the step inside `multiplier_fn`).
+  """
+  compiled = []
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise ValueError(f"rule {i} must be a (regex, multiplier) pair, got {rule!r}")
+    pattern, value = rule
+    try:
+      compiled.append((re.compile(pattern), value))
+    except (re.error, TypeError) as err:
+      raise ValueError(f"rule {i}: invalid regex {pattern!r}: {err}") from None
 
-    def pick(path, _):
-        joined = "/".join(param_path(path))
-        for regex, value in compiled:
-            if regex.search(joined):
-                return value
-        return default
+  def pick(path, _):
+    joined = "/".join(param_path(path))
+    for regex, value in compiled:
+      if regex.search(joined):
+        return value
+    return default
 
-    return jax.tree_util.tree_map_with_path(pick, params)
+  return jax.tree_util.tree_map_with_path(pick, params)
 
 
 class ScaleByMultipliersState(NamedTuple):
-    """State of `scale_by_multipliers`: number of updates applied so far."""
-    count: jax.Array
+  """State of `scale_by_multipliers`: number of updates applied so far."""
+  count: jax.Array
 
 
 def scale_by_multipliers(multiplier_fn: Callable[[jax.Array], Any]) -> optax.GradientTransformation:
-    """Multiplies each update leaf by `multiplier_fn(step)` (step = updates applied so far).
+  """Multiplies each update leaf by `multiplier_fn(step)` (step = updates applied so far).
 
-    `multiplier_fn` must be jit-able and return a tree matching the params or a prefix of
-    it (a single scalar scales everything). Where a multiplier is exactly 0 the update is
-    replaced by -0.0, so `optax.apply_updates` leaves the parameter bit-for-bit unchanged
-    (x + -0.0 == x for every float, including NaN/inf updates being discarded).
-    """
-    def init_fn(params):
-        del params
-        return ScaleByMultipliersState(count=jnp.zeros([], jnp.int32))
+  `multiplier_fn` must be jit-able and return a tree matching the params or a prefix of
+  it (a single scalar scales everything). Where a multiplier is exactly 0 the update is
+  replaced by -0.0, so `optax.apply_updates` leaves the parameter bit-for-bit unchanged
+  (x + -0.0 == x for every float, including NaN/inf updates being discarded).
+  """
+  def init_fn(params):
+    del params
+    return ScaleByMultipliersState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        del params
-        multipliers = multiplier_fn(state.count)
+  def update_fn(updates, state, params=None):
+    del params
+    multipliers = multiplier_fn(state.count)
 
-        def scale_leaf(u, m):
-            m = jnp.asarray(m, jnp.float32)
-            scaled = (u.astype(jnp.float32) * m).astype(u.dtype)
-            return jnp.where(m == 0, jnp.asarray(-0.0, u.dtype), scaled)
+    def scale_leaf(u, m):
+      m = jnp.asarray(m, jnp.float32)
+      scaled = (u.astype(jnp.float32) * m).astype(u.dtype)
+      return jnp.where(m == 0, jnp.asarray(-0.0, u.dtype), scaled)
 
-        try:
-            new_updates = jax.tree_util.tree_map(
-                lambda m, sub: jax.tree_util.tree_map(lambda u: scale_leaf(u, m), sub),
-                multipliers, updates)
-        except ValueError as err:
-            raise ValueError(
-                "multiplier_fn(step) must return a tree matching the params or a prefix of "
-                f"it: {err}") from None
-        return new_updates, ScaleByMultipliersState(count=optax.safe_increment(state.count))
+    try:
+      new_updates = jax.tree_util.tree_map(
+          lambda m, sub: jax.tree_util.tree_map(lambda u: scale_leaf(u, m), sub),
+          multipliers, updates)
+    except ValueError as err:
+      raise ValueError(
+          "multiplier_fn(step) must return a tree matching the params or a prefix of "
+          f"it: {err}") from None
+    return new_updates, ScaleByMultipliersState(count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------------------
 # Optimiser factory
 # ----------------------------------------------------------------------------------------
 
+STACKED_LAYERS_KEY = "layers"  # where models under nn.scan keep their stacked layers
+
+
+def scale_by_trust_ratio_per_layer() -> optax.GradientTransformation:
+  """LAMB's trust ratio: u * ||p|| / ||u|| per parameter tensor, 1 where either norm is 0 (as
+  `optax.scale_by_trust_ratio`); a tensor of layers stacked on a leading axis for `nn.scan`
+  (under a `layers` key) gets one ratio per layer, so scanning leaves the update unchanged."""
+
+  def update_fn(updates, state, params=None):
+    def scale(path, u, p):
+      axes = tuple(range(1, u.ndim)) if STACKED_LAYERS_KEY in param_path(path)[:-1] else None
+      p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=axes is not None))
+      u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=axes is not None))
+      ratio = jnp.where((p_norm == 0) | (u_norm == 0), 1.0, p_norm / u_norm)
+      return (u * ratio).astype(u.dtype)
+    return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = None):
-    """Builds the optimiser from a ConfigDict (or dict); returns `(tx, schedule_fn)`.
+  """Builds the optimiser from a ConfigDict (or dict); returns `(tx, schedule_fn)`.
 
-    Fields (default): learning_rate (1.5e-3), warmup_steps (10000), total_steps
-    (required), end_learning_rate (0.0), decay_power (1.0), b1 (0.9), b2 (0.999),
-    eps (1e-6), weight_decay (0.01), grad_clip_norm (1.0; <= 0 disables),
-    grad_accum_steps (1; > 1 wraps in `optax.MultiSteps`, averaging gradients),
-    optimizer ("lamb" or "adamw"), trust_ratio_on_all_params (False: as in the
-    reference LAMB, parameters without weight decay skip the layer-wise trust ratio).
+  Fields (default): learning_rate (1.5e-3), warmup_steps (10000), total_steps
+  (required), end_learning_rate (0.0), decay_power (1.0), b1 (0.9), b2 (0.999),
+  eps (1e-6), weight_decay (0.01), grad_clip_norm (1.0; <= 0 disables),
+  grad_accum_steps (1; > 1 wraps in `optax.MultiSteps`, averaging gradients),
+  optimizer ("lamb" or "adamw"), trust_ratio_on_all_params (False: as in the
+  reference LAMB, parameters without weight decay skip the layer-wise trust ratio).
 
-    Chain: clip by global norm -> Adam moments (bias-corrected) -> decoupled weight
-    decay on `decay_mask` -> [LAMB: trust ratio ||p|| / ||u|| per leaf] -> -lr(step)
-    -> `scale_by_multipliers(multiplier_fn)` if given. `schedule_fn` is indexed by
-    optimizer step, i.e. micro-step // grad_accum_steps when accumulating.
-    """
-    def get(name):
-        return cfg.get(name, DEFAULTS[name])
+  Chain: clip by global norm -> Adam moments (bias-corrected) -> decoupled weight
+  decay on `decay_mask` -> [LAMB: trust ratio ||p|| / ||u|| per tensor, per layer of a
+  stacked tensor] -> -lr(step)
+  -> `scale_by_multipliers(multiplier_fn)` if given. `schedule_fn` is indexed by
+  optimizer step, i.e. micro-step // grad_accum_steps when accumulating.
+  """
+  def get(name):
+    return cfg.get(name, DEFAULTS[name])
 
-    total_steps = cfg.get("total_steps", None)
-    if total_steps is None:
-        raise ValueError("optimizer config needs total_steps (got none)")
-    name = str(get("optimizer")).lower()
-    if name not in ("lamb", "adamw"):
-        raise ValueError(f"optimizer must be 'lamb' or 'adamw', got {get('optimizer')!r}")
-    accum = get("grad_accum_steps")
-    if int(accum) != accum or accum < 1:
-        raise ValueError(f"grad_accum_steps must be an int >= 1, got {accum!r}")
-    weight_decay = float(get("weight_decay"))
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+  total_steps = cfg.get("total_steps", None)
+  if total_steps is None:
+    raise ValueError("optimizer config needs total_steps (got none)")
+  name = str(get("optimizer")).lower()
+  if name not in ("lamb", "adamw"):
+    raise ValueError(f"optimizer must be 'lamb' or 'adamw', got {get('optimizer')!r}")
+  accum = get("grad_accum_steps")
+  if int(accum) != accum or accum < 1:
+    raise ValueError(f"grad_accum_steps must be an int >= 1, got {accum!r}")
+  weight_decay = float(get("weight_decay"))
+  if weight_decay < 0:
+    raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
-    schedule_fn = learning_rate_schedule(
-        float(get("learning_rate")), int(get("warmup_steps")), int(total_steps),
-        end_lr=float(get("end_learning_rate")), power=float(get("decay_power")))
+  schedule_fn = learning_rate_schedule(
+      float(get("learning_rate")), int(get("warmup_steps")), int(total_steps),
+      end_lr=float(get("end_learning_rate")), power=float(get("decay_power")))
 
-    parts = []
-    clip = get("grad_clip_norm")
-    if clip is not None and clip > 0:
-        parts.append(optax.clip_by_global_norm(float(clip)))
-    parts.append(optax.scale_by_adam(b1=float(get("b1")), b2=float(get("b2")),
-                                     eps=float(get("eps"))))
-    if weight_decay > 0:
-        parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-    if name == "lamb":
-        trust = optax.scale_by_trust_ratio()
-        parts.append(trust if get("trust_ratio_on_all_params") else optax.masked(trust, decay_mask))
-    parts.append(optax.scale_by_learning_rate(schedule_fn))
-    if multiplier_fn is not None:
-        parts.append(scale_by_multipliers(multiplier_fn))
-    tx = optax.chain(*parts)
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=int(accum)).gradient_transformation()
-    return tx, schedule_fn
+  parts = []
+  clip = get("grad_clip_norm")
+  if clip is not None and clip > 0:
+    parts.append(optax.clip_by_global_norm(float(clip)))
+  parts.append(optax.scale_by_adam(b1=float(get("b1")), b2=float(get("b2")),
+                                   eps=float(get("eps"))))
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  if name == "lamb":
+    trust = scale_by_trust_ratio_per_layer()
+    parts.append(trust if get("trust_ratio_on_all_params") else optax.masked(trust, decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule_fn))
+  if multiplier_fn is not None:
+    parts.append(scale_by_multipliers(multiplier_fn))
+  tx = optax.chain(*parts)
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(accum)).gradient_transformation()
+  return tx, schedule_fn
