@@ -1,9 +1,24 @@
 """Reference MobileBERT distillation: PKT (24 layer-wise phases) then pretraining distillation.
 
-MobileBERT (Sun et al., 2020): lr 1.5e-3, 10k warm-up, batch 2048, seq 512, 20 predictions per
-sequence, 240k layer-wise steps then 500k PD steps, LAMB, checkpoint every 10k steps. Needs a trained
-IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face) and the corpus prepared
-once at sequence length 512 (`--config.data.prepared_dir=DIR`, see `mobilebert_jax.data.prepare`).
+The values of the google-research release (mobilebert/README.md distillation command and
+run_pretraining.py, optimization.py, lamb_optimizer.py, distill_util.py; Sun et al., 2020):
+LAMB, weight decay 0.01, gradient clipping 1.0, batch 2048, sequence 512, 20 predictions per
+sequence, checkpoint every 10k steps. Both stages run the student without dropout (a teacher is
+present) and the teacher at inference.
+
+  pkt  240k steps (`num_distill_steps`), 10k per layer. Constant base rate 1.5e-3 with no global
+       warm-up or decay (`num_warmup_steps=0`, `end_lr_rate=1.0`). Layer l in its phase gets
+       3 x b(t) x 1.5e-3, after it 3 x 0.1 x b(t) x 1.5e-3, before it 0, with b(t) the per-phase
+       warm-up min(0.9 + 0.1 sqrt(1 - t/S), 10 t/S) at step t of a phase of S = 10k steps.
+       Embeddings, pooler and heads copied from the teacher (its LayerNorm not into NoNorm) and
+       frozen. Loss: layer l's transfer losses / 24, factors hidden 100, mean 5000,
+       variance 5, attention 1.
+  pd   500k steps (`num_train_steps`) from the PKT student: 10k linear warm-up to 1.5e-3, linear
+       decay to 1.5e-3 x 1e-4 (`end_lr_rate` default); L = 0.5 MLM + 0.5 KD (T = 1) + NSP.
+
+Needs a trained IB-BERT teacher (`--config.teacher_checkpoint=DIR`, native or Hugging Face) and
+the corpus prepared once at sequence length 512 (`--config.data.prepared_dir=DIR`, see
+`mobilebert_jax.data.prepare`).
 """
 
 import ml_collections
@@ -25,13 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
                                 batch_size=2048))
   c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
   c.log_every_steps = 100
-  # The reference layer-wise schedule: 0 before a layer's phase, 1 during it, 0.1 after.
+  pkt_opt = optimizer(learning_rate=1.5e-3, warmup_steps=0)
+  pkt_opt.schedule = "constant"
   c.pkt = ml_collections.ConfigDict(dict(
       strategy="pkt", model="student", num_steps=240_000, copy_from_teacher=True,
-      lower_layer_multiplier=0.1, current_layer_multiplier=1.0,
-      optimizer=optimizer(learning_rate=1.5e-3, warmup_steps=10_000), **transfer_factors()))
+      current_layer_multiplier=3.0, lower_layer_multiplier=0.3, student_dropout=False,
+      optimizer=pkt_opt, **transfer_factors()))
+  pd_opt = optimizer(learning_rate=1.5e-3, warmup_steps=10_000)
+  pd_opt.end_learning_rate = 1.5e-3 * 1e-4
   c.pd = ml_collections.ConfigDict(dict(
       strategy="pd", model="student", num_steps=500_000, alpha=0.5, temperature=1.0,
-      optimizer=optimizer(learning_rate=1.5e-3, warmup_steps=10_000)))
+      student_dropout=False, optimizer=pd_opt))
   del c["teacher_pretrain"]
   return c

@@ -28,7 +28,7 @@ def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigD
   return ml_collections.ConfigDict(dict(
       optimizer="lamb", learning_rate=learning_rate, warmup_steps=warmup_steps,
       end_learning_rate=0.0, decay_power=1.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
-      grad_clip_norm=1.0, grad_accum_steps=1))
+      grad_clip_norm=1.0, grad_accum_steps=1, schedule="linear"))
 
 
 def transfer_factors(**extra) -> dict:
@@ -103,9 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
       train_file="", dev_file="", version_2=False, doc_stride=128, max_query_length=64,
       n_best=20, max_answer_length=30, null_threshold=0.0))
   # TinyBERT data augmentation for task distillation (mlm_checkpoint: a pretrained model with
-  # an MLM head).
+  # an MLM head; n_aug 0 = the release's per-task N_a, downstream.tasks.TINYBERT_AUGMENTATION_N).
   c.augmentation = ml_collections.ConfigDict(dict(enabled=False, mlm_checkpoint="", p_t=0.4,
-                                                  n_aug=20, k=15, cache=""))
+                                                  n_aug=0, k=15, cache=""))
   # Evaluations after a GLUE stage: a word-substitution attack, post-training int8.
   c.robustness = ml_collections.ConfigDict(dict(enabled=False, max_examples=100, k=15,
                                                 max_fraction=0.3))
@@ -139,10 +139,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher_pretrain = ml_collections.ConfigDict(dict(
       strategy="pretrain", model="teacher", num_steps=400,
       optimizer=optimizer(learning_rate=1e-2, warmup_steps=40)))
+  # The release's layer-wise schedule (configs/mobilebert_distill.py): a constant base rate,
+  # 3 x a per-phase warm-up on the layer in its phase, 3 x 0.1 x it on the layers below.
   c.pkt = ml_collections.ConfigDict(dict(
       strategy="pkt", model="student", num_steps=200, copy_from_teacher=True,
-      lower_layer_multiplier=0.0, current_layer_multiplier=1.0,
-      optimizer=optimizer(learning_rate=1e-2, warmup_steps=20), **transfer_factors()))
+      lower_layer_multiplier=0.3, current_layer_multiplier=3.0,
+      optimizer=dict(optimizer(learning_rate=3e-3, warmup_steps=0), schedule="constant"),
+      **transfer_factors()))
   c.pd = ml_collections.ConfigDict(dict(
       strategy="pd", model="student", num_steps=300, alpha=0.5, temperature=1.0,
       optimizer=optimizer(learning_rate=5e-3, warmup_steps=30)))

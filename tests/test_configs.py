@@ -63,7 +63,8 @@ def test_full_size_nas_config_validates():
 def test_reference_distillation_hyper_parameters():
   config = load("mobilebert_distill.py")
   assert config.pkt.optimizer.learning_rate == 1.5e-3
-  assert config.pkt.optimizer.warmup_steps == 10_000
+  assert config.pkt.optimizer.warmup_steps == 0 and config.pkt.optimizer.schedule == "constant"
+  assert config.pd.optimizer.warmup_steps == 10_000
   assert config.pkt.optimizer.optimizer == "lamb"
   assert (config.data.batch_size, config.data.max_seq_length) == (2048, 512)
   assert config.data.max_predictions_per_seq == 20

@@ -104,18 +104,40 @@ def test_label_loyalty():
 def test_probability_loyalty_hand_computed():
   p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
   assert metrics.probability_loyalty(p, p) == pytest.approx(1.0)
-  assert metrics.probability_loyalty(np.eye(3), np.eye(3)[[1, 2, 0]]) == pytest.approx(0.0)
-  # P = (1, 0), Q = (1/2, 1/2): M = (3/4, 1/4); KL(P||M) = log2(4/3),
-  # KL(Q||M) = 1/2 log2(2/3) + 1/2 log2(2); JSD = (KL(P||M) + KL(Q||M)) / 2.
-  jsd = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
-  assert jsd == pytest.approx(0.3112781, abs=1e-6)
+  disjoint = np.eye(3), np.eye(3)[[1, 2, 0]]     # JSD = ln 2 (1 bit)
+  assert metrics.probability_loyalty(*disjoint) == pytest.approx(1 - math.sqrt(math.log(2)))
+  assert metrics.probability_loyalty(*disjoint, base=2) == pytest.approx(0.0)
+  # P = (1, 0), Q = (1/2, 1/2): M = (3/4, 1/4); KL(P||M) = ln(4/3),
+  # KL(Q||M) = 1/2 ln(2/3) + 1/2 ln(2); JSD = (KL(P||M) + KL(Q||M)) / 2 (nats).
+  jsd = 0.5 * math.log(4 / 3) + 0.5 * (0.5 * math.log(2 / 3) + 0.5 * math.log(2))
+  assert jsd == pytest.approx(0.3112781 * math.log(2), abs=1e-6)
   t, s = np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])
   assert metrics.jensen_shannon(t, s)[0] == pytest.approx(jsd)
-  assert metrics.jensen_shannon(t, s)[0] == pytest.approx(
-      distance.jensenshannon(t[0], s[0], base=2) ** 2)
+  assert metrics.jensen_shannon(t, s, base=2)[0] == pytest.approx(jsd / math.log(2))
   both = metrics.probability_loyalty(np.vstack([t, t]), np.vstack([t, s]))
   assert both == pytest.approx((1.0 + 1 - math.sqrt(jsd)) / 2)
+  both = metrics.probability_loyalty(np.vstack([t, t]), np.vstack([t, s]), base=2)
+  assert both == pytest.approx((1.0 + 1 - math.sqrt(jsd / math.log(2))) / 2)
+  with pytest.raises(ValueError, match="base"):
+    metrics.jensen_shannon(t, s, base=1)
   with pytest.raises(ValueError, match="softmax"):
     metrics.probability_loyalty(np.array([[2.0, -1.0]]), t)
   with pytest.raises(ValueError, match="shapes"):
     metrics.label_loyalty(np.ones((2, 2)) / 2, np.ones((3, 2)) / 2)
+
+
+def test_probability_loyalty_matches_scipy_jensenshannon():
+  """The loyalty paper's reference: 1 - scipy.spatial.distance.jensenshannon(teacher, student)
+  at SciPy's default (natural) base; base=2 as the named option."""
+  rng = np.random.default_rng(3)
+  for classes in (2, 3, 7):
+    t = rng.dirichlet(np.full(classes, 0.5), size=64)
+    s = rng.dirichlet(np.full(classes, 0.5), size=64)
+    s[0] = t[0]                                   # identical rows, and a zero probability
+    t[1] = np.eye(classes)[0]
+    for base in (None, 2):
+      ref = np.array([distance.jensenshannon(a, b, base=base) for a, b in zip(t, s)])
+      np.testing.assert_allclose(np.sqrt(metrics.jensen_shannon(t, s, base=base)), ref,
+                                 rtol=1e-9, atol=1e-7)
+      kwargs = {} if base is None else {"base": base}
+      assert metrics.probability_loyalty(t, s, **kwargs) == pytest.approx(np.mean(1 - ref))

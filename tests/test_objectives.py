@@ -370,6 +370,26 @@ def test_prediction_loss_torch():
     obj.prediction_loss(s, t, temperature=0.0)
 
 
+def test_prediction_loss_regression_is_mse():
+  """One logit (STS-B): a soft cross-entropy over it is identically 0; the loss is the MSE
+  between student and teacher scores (TinyBERT task_distill.py, regression), with a
+  non-zero gradient for the student."""
+  s = np.array([[0.5], [2.0], [-1.0], [3.0]], np.float32)
+  t = np.array([[1.5], [2.0], [0.5], [4.5]], np.float32)
+  mse = ((0.5 - 1.5) ** 2 + 0.0 + (-1.0 - 0.5) ** 2 + (3.0 - 4.5) ** 2) / 4   # = 1.375
+  for temp in (1.0, 2.0):   # the temperature does not scale a regression score
+    assert_close(obj.prediction_loss(s, t, temperature=temp), mse)
+    assert_close(obj.prediction_loss(s, t, temp, scale_by_temperature_squared=True), mse)
+  grad = np.asarray(jax.grad(lambda x: obj.prediction_loss(x, t))(jnp.asarray(s)))
+  assert_close(grad, 2 * (s - t) / 4)      # d/ds mean (s - t)^2
+  assert np.abs(grad).sum() > 0
+  assert_close(jax.grad(lambda x: obj.prediction_loss(s, x))(jnp.asarray(t)), np.zeros_like(t))
+  weights = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+  assert_close(obj.prediction_loss(s, t, weights=weights), (1.0 + 1.5 ** 2) / 2)
+  with pytest.raises(ValueError, match="same shape"):
+    obj.prediction_loss(s, t[:, :0])
+
+
 def test_layer_mappings():
   assert obj.uniform_layer_mapping(4, 12) == (3, 6, 9, 12)
   assert obj.uniform_layer_mapping(6, 24) == (4, 8, 12, 16, 20, 24)

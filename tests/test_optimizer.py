@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from mobilebert_jax.training import core
 from mobilebert_jax.training import optimizer as opt
 
 
@@ -187,6 +188,45 @@ def test_grad_accumulation_equals_one_step_on_mean_gradient():
     np.testing.assert_array_equal(a, b)  # no update before the k-th micro-step
   for a, b in zip(jax.tree_util.tree_leaves(acc[2]), jax.tree_util.tree_leaves(one[0])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_counts_optimizer_steps_under_accumulation():
+  """100 micro-steps, 4 per update: 25 updates, 5 of them warming up, decaying to 0 at update 25.
+  The rate each update applies (AdamW on a constant gradient moves w by exactly -lr) is the
+  logged learning_rate of its micro-step, and by hand lr(n) = 1e-2 * n / 5 for n < 5, else
+  1e-2 * (1 - (n - 5) / 20)."""
+  cfg = make_cfg(optimizer="adamw", learning_rate=1e-2, warmup_steps=5, total_steps=100,
+                 grad_accum_steps=4, weight_decay=0.0, eps=1e-12)
+  tx, schedule = opt.create_optimizer(cfg)
+  loss = lambda params, context, batch, rng, step: (jnp.sum(params["w"]), {})  # gradient 1
+  step = jax.jit(core.make_train_step(loss, tx, schedule, accum=4))
+  state = core.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(2)},
+                          opt_state=tx.init({"w": jnp.zeros(2)}), rng=jax.random.PRNGKey(0))
+  applied, logged = [], []
+  for _ in range(100):
+    before = float(state.params["w"][0])
+    state, metrics = step(state, None, {})
+    applied.append(before - float(state.params["w"][0]))
+    logged.append(float(metrics["learning_rate"]))
+  hand = [1e-2 * n / 5 if n < 5 else 1e-2 * (1 - (n - 5) / 20) for n in range(25)]
+  np.testing.assert_allclose(applied[3::4], hand, rtol=1e-4, atol=1e-9)
+  assert all(applied[m] == 0.0 for m in range(100) if m % 4 != 3)  # accumulating
+  np.testing.assert_allclose(logged[3::4], applied[3::4], rtol=1e-4, atol=1e-9)
+  assert applied[4 * 5 + 3] == pytest.approx(1e-2, rel=1e-4)  # warm-up: 5 optimizer steps
+  assert applied[-1] == pytest.approx(5e-4, rel=1e-4)  # the last update: 1/20 of the base
+  assert float(schedule(25)) == 0.0  # the end rate, where the decay ends
+  with pytest.raises(ValueError, match="make 2 optimizer steps .* fewer than warmup_steps=5"):
+    opt.create_optimizer(make_cfg(total_steps=8, grad_accum_steps=4, warmup_steps=5))
+
+
+def test_constant_schedule():
+  sched = opt.learning_rate_schedule(1e-3, warmup_steps=4, total_steps=10, decay=False)
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 2, 4, 9, 50)],
+                             [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  _, schedule = opt.create_optimizer(make_cfg(schedule="constant", learning_rate=2e-3))
+  assert float(schedule(0)) == float(schedule(99)) == pytest.approx(2e-3)
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    opt.create_optimizer(make_cfg(schedule="cosine"))
 
 
 def numpy_lamb(params, grads_list, lr_fn, b1, b2, eps, wd, clip, decay, trust_all=False):

@@ -152,8 +152,9 @@ def test_loyalty_hand_computed():
   assert same == pytest.approx({"label_loyalty": 1.0, "probability_loyalty": 1.0})
   assert set(seen) == {(2, 4)}  # the last batch is filled to full size
   # row 1: P = (3/4, 1/4), Q = (1/4, 3/4), M = (1/2, 1/2):
-  # JSD = KL(P||M) = 3/4 log2(3/2) + 1/4 log2(1/2); rows 0 and 2 are identical.
-  jsd = 0.75 * math.log2(1.5) - 0.25
+  # JSD = KL(P||M) = 3/4 ln(3/2) + 1/4 ln(1/2) (natural log, SciPy's default); rows 0 and 2
+  # are identical.
+  jsd = 0.75 * math.log(1.5) - 0.25 * math.log(2)
   got = evaluate_loyalty(from_table(teacher_logits), from_table(student_logits), arrays, 2)
   assert got["label_loyalty"] == pytest.approx(2 / 3)
   assert got["probability_loyalty"] == pytest.approx((2 + 1 - math.sqrt(jsd)) / 3)

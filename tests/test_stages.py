@@ -74,7 +74,7 @@ def test_plan_fills_defaults_and_names_unknown_keys():
   c = tiny_config()
   resolved = plan(c).config
   assert resolved.pd.alpha == 0.5 and resolved.pkt.hidden_factor == 100.0
-  assert resolved.pkt.current_layer_multiplier == 1.0 and "alpha" not in resolved.pkt
+  assert resolved.pkt.current_layer_multiplier == 3.0 and "alpha" not in resolved.pkt
   c.pd.temprature = 2.0
   with pytest.raises(PlanError, match=r"config\.pd: unknown key\(s\) \['temprature'\]"):
     plan(c)

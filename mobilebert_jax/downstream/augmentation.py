@@ -3,16 +3,38 @@
   predict = mlm_predict_fn(teacher_model, teacher_params)        # pretraining / masked_lm head
   table = token_embedding_table(teacher_params)                  # or load_glove("glove.txt")
   train = load_or_augment("workdir/sst2_aug.jsonl", read_glue("sst2", "train", data_dir),
-                          tokenizer, predict, table)             # 21x the examples
+                          tokenizer, predict, table, task="sst2")   # N_a = 20 for SST-2
 
-For every word of an example (a whitespace token, surrounding punctuation kept aside) the
-candidates are computed once: a word the tokenizer keeps as one WordPiece is masked in its
-sentence and the teacher's top-K MLM predictions that are whole words become its candidates; a
-word split into several pieces gets the K whole-word tokens nearest (cosine) to the mean of its
-piece embeddings (with GloVe vectors: the K GloVe words nearest to the word's own vector). Each
-augmented copy then replaces every word that has candidates with probability p_t by one of them,
-drawn uniformly. Words that are not alphanumeric (after stripping leading/trailing punctuation,
-e.g. "don't", "e-mail"), and single-piece words past `max_seq_length`, are left as they are.
+This follows the authors' release, data_augmentation.py of huawei-noah/Pretrained-Language-Model
+(TinyBERT/, commit 0598f02; "L" below are its lines), where it differs from the paper's
+Algorithm 1 (Jiao et al., 2020); each difference from the paper is a named option:
+
+* Words are the tokenizer's pre-tokenized words (BERT's basic tokenizer: split at whitespace and
+  punctuation, L217). A word is replaced only if it is made of the letters a-z alone and is not
+  in the release's stop-word list (`_is_valid` and `StopWordsList`, L40-77, L220); the paper
+  replaces every word (`stop_words=()` drops the list; the alphabetic test stays).
+* A word that is one WordPiece is masked and the MLM's top-K predictions that are whole words
+  become its candidates. The MLM sees `[CLS] masked_sentence [SEP] sentence [SEP]`, token types
+  0 up to the first [SEP] and 1 after it, no padding, cut at 512 pieces; a word masked at a
+  position past the cut gets no candidate (L152-180). The paper feeds BERT the masked sentence
+  alone (`mlm_context="masked"`: `[CLS] masked_sentence [SEP]`).
+* A word of several pieces gets the K nearest (cosine) GloVe words (L135-150), or here by
+  default the K whole-word tokens nearest to the mean of its piece embeddings in the teacher's
+  table.
+* Each of N_a tries replaces every word that has candidates with probability p_t by one drawn
+  uniformly; a try equal to the original or to an earlier copy is dropped (L224-235), so an
+  example gets at most N_a copies per field (`dedup=False`: exactly N_a, as the paper).
+* For a sentence pair the two sentences are augmented one at a time, the other kept as it is
+  (`AugmentProcessor`, L268-273; `separate_fields=False` changes both in every copy).
+* N_a by task (`task_n_aug`, L300-312): CoLA, MRPC, STS-B, RTE 30; SST-2, QNLI 20; MNLI,
+  QQP 10; other tasks `DEFAULT_N_AUG` = 20 (the paper's N_a); p_t = 0.4, K = 15 (L290-295).
+
+Not reproduced from the release: it writes the augmented sentence as its basic tokens joined by
+spaces (lower-cased for an uncased model) where this module keeps the original text around the
+replaced words; its MLM candidates may be the word itself, special tokens or punctuation, which
+are dropped here; and for a pair it leaves the first field at its last augmented value while
+writing the second field's copies (it reuses one mutable row, L268-273), which here keep the
+original first field.
 """
 
 from __future__ import annotations
@@ -23,7 +45,7 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +53,8 @@ import numpy as np
 from etils import epath
 
 from mobilebert_jax.compilation import jit_inference
-from mobilebert_jax.downstream.glue_data import GlueExample, truncate_pair
+from mobilebert_jax.downstream.glue_data import GlueExample
+from mobilebert_jax.downstream.tasks import GlueTask, TINYBERT_AUGMENTATION_N, get_task
 from mobilebert_jax.models.heads import ForMaskedLM, ForPreTraining
 
 log = logging.getLogger("mobilebert_jax")
@@ -41,9 +64,47 @@ log = logging.getLogger("mobilebert_jax")
 MlmPredict = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 CACHE_FORMAT = "mobilebert_jax.augmentation"
-CACHE_VERSION = 1
+# 2: stop words, per-field copies, de-duplication, the [CLS] masked [SEP] original [SEP] input.
+CACHE_VERSION = 2
 _FIELDS = ("text_a", "text_b")
-_WORD = re.compile(r"\S+")
+_MLM_CONTEXTS = ("masked_and_original", "masked")
+_LETTERS = re.compile(r"[a-z]+")
+
+# The paper's N_a, used for tasks without a value in tasks.TINYBERT_AUGMENTATION_N.
+DEFAULT_N_AUG = 20
+# BERT's position limit, the release's cut of the MLM input (L153, L162).
+MLM_MAX_LENGTH = 512
+
+# The stop words of the release (L40-50): an NLTK-style English list without the question
+# words (what, which, who, whom, when, where, why, how). Its forms with an apostrophe ("don't",
+# "'s", ...) are left out: such a word never passes the a-z test anyway.
+STOP_WORDS = frozenset("""
+    i me my myself we our ours ourselves you your yours yourself yourselves he him his himself
+    she her hers herself it its itself they them their theirs themselves this that these those
+    am is are was were be been being have has had having do does did doing a an the and but if
+    or because as until while of at by for with about against between into through during
+    before after above below to from up down in out on off over under again further then once
+    here there all any both each few more most other some such no nor not only own same so than
+    too very s t can will just don should now d ll m o re ve y ain aren couldn didn doesn hadn
+    hasn haven isn ma mightn mustn needn shan shouldn wasn weren won wouldn
+    """.split())
+
+
+def is_replaceable(word: str, stop_words: Collection[str] = STOP_WORDS) -> bool:
+  """True when TinyBERT's release may replace `word` (as the tokenizer normalises it): the
+  letters a-z alone, either case, and not a stop word (L75-77, L220)."""
+  lower = word.lower()
+  return bool(_LETTERS.fullmatch(lower)) and lower not in stop_words
+
+
+def task_n_aug(task: str | GlueTask | None, n_aug: int | None = None) -> int:
+  """N_a, the tries per field: `n_aug` when given, else the release's value for `task`
+  (tasks.TINYBERT_AUGMENTATION_N, from data_augmentation.py L300-312), else DEFAULT_N_AUG."""
+  if n_aug is not None:
+    return int(n_aug)
+  if task is None:
+    return DEFAULT_N_AUG
+  return int(TINYBERT_AUGMENTATION_N.get(get_task(task).name, DEFAULT_N_AUG))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +120,8 @@ class WordVectors:
 
 
 def load_glove(path: str | os.PathLike, max_words: int | None = None) -> WordVectors:
-  """Reads a GloVe text file (`word v1 ... vD` per line), the first `max_words` lines at most."""
+  """Reads a GloVe text file (`word v1 ... vD` per line), the first `max_words` lines at most
+  (the release reads the first 100,000, L92-121)."""
   words, rows, dim = [], [], None
   with epath.Path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
@@ -96,7 +158,8 @@ def token_embedding_table(params: Mapping) -> np.ndarray:
 def mlm_predict_fn(model, params) -> MlmPredict:
   """A jitted numpy-in / numpy-out `mlm_predict` for a flax ForPreTraining / ForMaskedLM model.
 
-  One compilation per input shape; `augment_examples` pads its batches to few shapes.
+  One compilation per input shape; `augment_examples` pads its batches to few shapes and cuts
+  its inputs at the model's `max_position_embeddings` (the function's `max_positions`).
   """
   if not isinstance(model, (ForPreTraining, ForMaskedLM)):
     raise ValueError(f"mlm_predict_fn needs a model with an MLM head (pretraining or masked_lm), "
@@ -115,6 +178,7 @@ def mlm_predict_fn(model, params) -> MlmPredict:
               for x in (input_ids, attention_mask, token_type_ids, masked_lm_positions)]
     return np.asarray(logits(params, *arrays))
 
+  predict.max_positions = int(model.config.max_position_embeddings)   # caps the MLM input
   return predict
 
 
@@ -123,20 +187,12 @@ def mlm_predict_fn(model, params) -> MlmPredict:
 
 @dataclasses.dataclass
 class _Word:
-  start: int             # the replaceable core: text[start:end]
+  start: int             # the word: text[start:end]
   end: int
-  key: str               # the core as the tokenizer normalises it (lower-cased when uncased)
-  pieces: list[int]      # WordPiece ids of the core
+  key: str               # the word as the tokenizer normalises it (lower-cased when uncased)
+  pieces: list[int]      # WordPiece ids of the word
   first_piece: int       # index of the first piece in the field's tokens
   candidates: list[str] = dataclasses.field(default_factory=list)
-
-
-def _core_span(text: str, start: int, end: int) -> tuple[int, int]:
-  while start < end and not text[start].isalnum():
-    start += 1
-  while end > start and not text[end - 1].isalnum():
-    end -= 1
-  return start, end
 
 
 def _whole_word_mask(tokenizer, size: int) -> np.ndarray:
@@ -154,25 +210,44 @@ def _normalize(tokenizer, text: str) -> str:
   return normalizer.normalize_str(text) if normalizer is not None else text
 
 
-def _find_words(tokenizer, text: str, ids, offsets) -> list[_Word]:
-  """The replaceable words of `text` with their pieces (from the fast tokenizer's offsets)."""
+def _find_words(tokenizer, text: str, ids, offsets, word_ids,
+                stop_words: Collection[str]) -> list[_Word]:
+  """The replaceable words of `text` (the tokenizer's pre-tokenized words, its pieces grouped
+  by word id) with their pieces."""
+  groups: dict[int, list[int]] = {}
+  for t, w in enumerate(word_ids):
+    if w is not None:
+      groups.setdefault(w, []).append(t)
   words = []
-  t = 0
-  for m in _WORD.finditer(text):
-    start, end = _core_span(text, m.start(), m.end())
-    while t < len(offsets) and offsets[t][1] <= start:
-      t += 1
-    first = t
-    while t < len(offsets) and offsets[t][0] < end:
-      t += 1
-    inside = all(start <= s and e <= end for s, e in offsets[first:t])
-    if start == end or not text[start:end].isalnum() or first == t or not inside:
-      continue
+  for pieces in groups.values():
+    start, end = offsets[pieces[0]][0], offsets[pieces[-1]][1]
     key = _normalize(tokenizer, text[start:end])
-    if not key or not key.isalnum():
-      continue
-    words.append(_Word(start, end, key, list(ids[first:t]), first))
+    if start < end and is_replaceable(key, stop_words):
+      words.append(_Word(start, end, key, [int(ids[t]) for t in pieces], pieces[0]))
   return words
+
+
+def mlm_input(tokenizer, pieces: Sequence[int], masked: int, max_length: int = MLM_MAX_LENGTH,
+              context: str = "masked_and_original") -> tuple[list[int], list[int]] | None:
+  """The MLM input (ids, token types) that asks for piece `masked` of a sentence's `pieces`.
+
+  "masked_and_original" (the release, L156-168): [CLS] pieces' [SEP] pieces [SEP], where
+  pieces' has [MASK] at `masked`; token types 0 through the first [SEP], 1 after it.
+  "masked" (the paper's BERT(x_m)): [CLS] pieces' [SEP], token types 0.
+  Both are cut to `max_length`; None when the [MASK] (at 1 + `masked`) falls past the cut.
+  """
+  if context not in _MLM_CONTEXTS:
+    raise ValueError(f"mlm_context must be one of {_MLM_CONTEXTS}, got {context!r}")
+  if 1 + masked >= max_length:
+    return None
+  cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+  first = [cls] + list(pieces) + [sep]
+  first[1 + masked] = tokenizer.mask_token_id
+  ids, types = first, [0] * len(first)
+  if context == "masked_and_original":
+    ids = ids + list(pieces) + [sep]
+    types = types + [1] * (len(pieces) + 1)
+  return ids[:max_length], types[:max_length]
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -192,26 +267,31 @@ def _bucket(length: int, max_seq_length: int) -> int:
   return min(size, max_seq_length)
 
 
-def _mlm_candidates(rows, sequences, tokenizer, mlm_predict, k, whole, batch_size,
-                    max_seq_length):
-  """Fills the candidates of single-piece words: one masked word per row, rows batched."""
+def _mlm_input_length(num_pieces: int, max_length: int, context: str) -> int:
+  return min(2 * num_pieces + 3 if context == "masked_and_original" else num_pieces + 2,
+             max_length)
+
+
+def _mlm_candidates(rows, tokenizer, mlm_predict, k, whole, batch_size, max_seq_length,
+                    mlm_context):
+  """Fills the candidates of single-piece words; `rows` holds (sentence pieces, index of the
+  masked piece, word), one masked word per MLM row (`mlm_input`), batched."""
   vocab = tokenizer.convert_ids_to_tokens
-  rows = sorted(rows, key=lambda r: len(sequences[r[0]][0]))   # similar lengths together
+  rows = sorted(rows, key=lambda r: len(r[0]))   # similar lengths together
   for b in range(0, len(rows), batch_size):
     chunk = rows[b:b + batch_size]
-    length = _bucket(max(len(sequences[i][0]) for i, _, _ in chunk), max_seq_length)
-    shape = (batch_size, length)
+    longest = max(_mlm_input_length(len(r[0]), max_seq_length, mlm_context) for r in chunk)
+    shape = (batch_size, _bucket(longest, max_seq_length))
     ids = np.full(shape, tokenizer.pad_token_id, np.int32)
     mask = np.zeros(shape, np.int32)
     types = np.zeros(shape, np.int32)
     positions = np.zeros((batch_size, 1), np.int32)
     ids[len(chunk):, :2] = tokenizer.cls_token_id, tokenizer.sep_token_id   # filler rows
     mask[len(chunk):, :2] = 1
-    for r, (i, pos, _) in enumerate(chunk):
-      seq, seg = sequences[i]
+    for r, (pieces, masked, _) in enumerate(chunk):
+      seq, seg = mlm_input(tokenizer, pieces, masked, max_seq_length, mlm_context)
       ids[r, :len(seq)], mask[r, :len(seq)], types[r, :len(seq)] = seq, 1, seg
-      ids[r, pos] = tokenizer.mask_token_id
-      positions[r, 0] = pos
+      positions[r, 0] = 1 + masked
     logits = np.asarray(mlm_predict(ids, mask, types, positions))
     if logits.ndim != 3 or logits.shape[:2] != (batch_size, 1):
       raise ValueError(f"mlm_predict returned logits of shape {logits.shape}, expected "
@@ -267,7 +347,7 @@ def _neighbour_candidates(words: list[_Word], table, whole: np.ndarray, k: int, 
 # ---------------------------------------------------------------------------------------------
 # Augmentation.
 
-def _check_settings(p_t, n_aug, k, seed, max_seq_length, fields):
+def _check_settings(p_t, n_aug, k, seed, max_seq_length, fields, mlm_context):
   if not 0.0 <= p_t <= 1.0:
     raise ValueError(f"p_t must be a probability in [0, 1], got {p_t}")
   if n_aug < 0:
@@ -279,8 +359,10 @@ def _check_settings(p_t, n_aug, k, seed, max_seq_length, fields):
   if max_seq_length < 3:
     raise ValueError(f"max_seq_length {max_seq_length} is too short")
   bad = [f for f in fields if f not in _FIELDS]
-  if bad or not fields:
-    raise ValueError(f"fields must name some of {list(_FIELDS)}, got {list(fields)}")
+  if bad or not fields or len(set(fields)) != len(fields):
+    raise ValueError(f"fields must name some of {list(_FIELDS)} once each, got {list(fields)}")
+  if mlm_context not in _MLM_CONTEXTS:
+    raise ValueError(f"mlm_context must be one of {_MLM_CONTEXTS}, got {mlm_context!r}")
 
 
 def _replace(text: str, words: Sequence[_Word], choice: Mapping[int, str]) -> str:
@@ -294,24 +376,40 @@ def _replace(text: str, words: Sequence[_Word], choice: Mapping[int, str]) -> st
 
 def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: MlmPredict | None,
                      word_embeddings: np.ndarray | WordVectors | None, *, p_t: float = 0.4,
-                     n_aug: int = 20, k: int = 15, seed: int = 0, max_seq_length: int = 128,
-                     fields: Sequence[str] = _FIELDS, batch_size: int = 128
+                     n_aug: int | None = None, k: int = 15, seed: int = 0,
+                     max_seq_length: int = MLM_MAX_LENGTH, fields: Sequence[str] = _FIELDS,
+                     batch_size: int = 128, task: str | GlueTask | None = None,
+                     stop_words: Collection[str] = STOP_WORDS, dedup: bool = True,
+                     separate_fields: bool = True, mlm_context: str = "masked_and_original"
                      ) -> list[GlueExample]:
-  """TinyBERT's augmentation: each original followed by `n_aug` copies (guid "<guid>-aug<j>").
+  """TinyBERT's augmentation: each original followed by its copies (guid "<guid>-aug<j>").
 
   Args:
     examples: the task's examples; label and index are kept in the copies.
     tokenizer: the teacher's fast WordPiece tokenizer (`load_tokenizer`).
     mlm_predict: the teacher's MLM (`mlm_predict_fn`); None leaves single-piece words alone.
     word_embeddings: [vocab, dim] token embeddings for multi-piece words (the teacher's,
-      `token_embedding_table`), or GloVe `WordVectors`; None leaves multi-piece words alone.
-    p_t: probability of replacing a word that has candidates; n_aug: copies per example;
+      `token_embedding_table`), or GloVe `WordVectors` (the release); None leaves multi-piece
+      words alone.
+    p_t: probability of replacing a word that has candidates.
+    n_aug: N_a, tries per field; None: `task_n_aug(task)` (the release's value for the task).
     k: candidates per word (top-k, then non-whole-word tokens and the word itself dropped).
-    seed: the output is a function of (seed, examples, models); max_seq_length: the MLM's
-      input length (pairs truncated longest-first); fields: the text fields to augment.
+    seed: the output is a function of (seed, examples, models and settings).
+    max_seq_length: the cut of the MLM's input (512 in the release), at most the MLM's
+      `max_positions` when it has one (`mlm_predict_fn`).
+    fields: the text fields to augment, in this order.
     batch_size: masked words per MLM call (one masked word per row).
+    task: the GLUE task, for its N_a.
+    stop_words: words never replaced (lower case; the release's list; () for the paper).
+    dedup: drop a try equal to the original or an earlier copy (the release); False keeps
+      exactly n_aug copies per field (the paper).
+    separate_fields: augment the fields of a pair one at a time, the other kept (the release);
+      False changes all of them in every copy.
+    mlm_context: "masked_and_original" (the release) or "masked" (the paper); see `mlm_input`.
   """
-  _check_settings(p_t, n_aug, k, seed, max_seq_length, fields)
+  n_aug = task_n_aug(task, n_aug)
+  _check_settings(p_t, n_aug, k, seed, max_seq_length, fields, mlm_context)
+  max_seq_length = min(max_seq_length, getattr(mlm_predict, "max_positions", max_seq_length))
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not getattr(tokenizer, "is_fast", False):
@@ -320,6 +418,7 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
   examples = list(examples)
   if not examples:
     return []
+  stop_words = frozenset(w.lower() for w in stop_words)
   whole = _whole_word_mask(tokenizer, len(tokenizer))
   if isinstance(word_embeddings, WordVectors):
     table = word_embeddings
@@ -331,57 +430,60 @@ def augment_examples(examples: Sequence[GlueExample], tokenizer, mlm_predict: Ml
   else:
     table = None
 
-  encoded = {}
-  for field in _FIELDS:
-    texts = [getattr(ex, field) or "" for ex in examples]
-    encoded[field] = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-  cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-  per_example, sequences, rows, multi = [], [], [], []
+  per_example, rows, multi = [], [], []
+  encoded = {field: tokenizer([getattr(ex, field) or "" for ex in examples],
+                              add_special_tokens=False, return_offsets_mapping=True)
+             for field in fields}
   for i, ex in enumerate(examples):
-    ids_a = list(encoded["text_a"]["input_ids"][i])
-    ids_b = list(encoded["text_b"]["input_ids"][i]) if ex.text_b is not None else None
-    truncate_pair(ids_a, ids_b, max_seq_length - (3 if ids_b is not None else 2))
-    seq, seg = [cls] + ids_a + [sep], [0] * (len(ids_a) + 2)
-    if ids_b is not None:
-      seq, seg = seq + ids_b + [sep], seg + [1] * (len(ids_b) + 1)
-    sequences.append((seq, seg))
     words = {}
     for field in fields:
       text = getattr(ex, field)
       if text is None:
         continue
-      words[field] = _find_words(tokenizer, text, encoded[field]["input_ids"][i],
-                                 encoded[field]["offset_mapping"][i])
-      kept, offset = (len(ids_a), 1) if field == "text_a" else (len(ids_b), len(ids_a) + 2)
+      enc = encoded[field]
+      pieces = enc["input_ids"][i]
+      words[field] = _find_words(tokenizer, text, pieces, enc["offset_mapping"][i],
+                                 enc.word_ids(i), stop_words)
       for w in words[field]:
         if len(w.pieces) > 1:
           multi.append(w)
-        elif w.first_piece < kept:
-          rows.append((i, offset + w.first_piece, w))
+          continue
+        if 1 + w.first_piece < max_seq_length:   # else the [MASK] falls past the cut
+          rows.append((pieces, w.first_piece, w))
     per_example.append(words)
 
   active = n_aug > 0 and p_t > 0
   log.info("augmentation: %d examples, %d single-piece words (MLM, batches of %d), %d "
            "multi-piece words", len(examples), len(rows), batch_size, len(multi))
   if mlm_predict is not None and rows and active:
-    _mlm_candidates(rows, sequences, tokenizer, mlm_predict, k, whole, batch_size,
-                    max_seq_length)
+    _mlm_candidates(rows, tokenizer, mlm_predict, k, whole, batch_size, max_seq_length,
+                    mlm_context)
   if table is not None and multi and active:
     _neighbour_candidates(multi, table, whole, k, tokenizer)
 
   out: list[GlueExample] = []
   for i, (ex, words) in enumerate(zip(examples, per_example)):
     out.append(ex)
-    rng = np.random.default_rng([seed, i])
-    for j in range(1, n_aug + 1):
-      texts = {}
-      for field, ws in words.items():
-        choice = {}
-        for n, w in enumerate(ws):
-          if w.candidates and rng.random() < p_t:
-            choice[n] = w.candidates[rng.integers(len(w.candidates))]
-        texts[field] = _replace(getattr(ex, field), ws, choice)
-      out.append(dataclasses.replace(ex, guid=f"{ex.guid}-aug{j}", **texts))
+    present = [field for field in fields if field in words]
+    groups = [[field] for field in present] if separate_fields else [present] if present else []
+    j = 0
+    for group in groups:
+      rng = np.random.default_rng([seed, i] + [_FIELDS.index(f) for f in group])
+      seen = {tuple(getattr(ex, f) for f in group)}
+      for _ in range(n_aug):
+        texts = {}
+        for field in group:
+          choice = {}
+          for n, w in enumerate(words[field]):
+            if w.candidates and rng.random() < p_t:
+              choice[n] = w.candidates[rng.integers(len(w.candidates))]
+          texts[field] = _replace(getattr(ex, field), words[field], choice)
+        key = tuple(texts[f] for f in group)
+        if dedup and key in seen:
+          continue
+        seen.add(key)
+        j += 1
+        out.append(dataclasses.replace(ex, guid=f"{ex.guid}-aug{j}", **texts))
   return out
 
 
@@ -406,7 +508,9 @@ def _example_dict(ex: GlueExample) -> dict:
 
 def cache_settings(examples: Sequence[GlueExample], tokenizer, word_embeddings, *, p_t: float,
                    n_aug: int, k: int, seed: int, max_seq_length: int, fields: Sequence[str],
-                   teacher: str | None = None) -> dict:
+                   teacher: str | None = None, stop_words: Collection[str] = STOP_WORDS,
+                   dedup: bool = True, separate_fields: bool = True,
+                   mlm_context: str = "masked_and_original") -> dict:
   """What an augmented set depends on, as its cache header records it (hashes for the data).
 
   The MLM is opaque here: the embeddings (when given; the teacher's own table identifies the
@@ -423,7 +527,10 @@ def cache_settings(examples: Sequence[GlueExample], tokenizer, word_embeddings, 
           "max_seq_length": int(max_seq_length), "fields": list(fields),
           "examples": _digest([_example_dict(ex) for ex in examples]),
           "num_examples": len(examples), "vocab": _digest(vocab),
-          "embeddings": embeddings, "teacher": teacher}
+          "embeddings": embeddings, "teacher": teacher,
+          "stop_words": _digest(sorted({w.lower() for w in stop_words})),
+          "dedup": bool(dedup), "separate_fields": bool(separate_fields),
+          "mlm_context": str(mlm_context)}
 
 
 def _read_cache(path: epath.Path, settings: dict) -> list[GlueExample] | None:
@@ -476,21 +583,27 @@ def _write_cache(path: epath.Path, settings: dict, examples: Sequence[GlueExampl
 
 def load_or_augment(cache_path: str | os.PathLike, examples: Sequence[GlueExample], tokenizer,
                     mlm_predict: MlmPredict | None, word_embeddings, *, p_t: float = 0.4,
-                    n_aug: int = 20, k: int = 15, seed: int = 0, max_seq_length: int = 128,
-                    fields: Sequence[str] = _FIELDS, batch_size: int = 128,
-                    teacher: str | None = None) -> list[GlueExample]:
+                    n_aug: int | None = None, k: int = 15, seed: int = 0,
+                    max_seq_length: int = MLM_MAX_LENGTH, fields: Sequence[str] = _FIELDS,
+                    batch_size: int = 128, teacher: str | None = None,
+                    task: str | GlueTask | None = None, stop_words: Collection[str] = STOP_WORDS,
+                    dedup: bool = True, separate_fields: bool = True,
+                    mlm_context: str = "masked_and_original") -> list[GlueExample]:
   """`augment_examples`, cached as JSON lines at `cache_path` (a header, then one example a line;
   local or gs://..., through `etils.epath`).
 
-  The cache is reused when its header matches `cache_settings` (the settings and hashes of the
-  examples, the vocab and the embeddings, plus `teacher`), otherwise rebuilt and replaced
-  atomically (temporary file + rename). Arguments as for augment_examples.
+  The cache is reused when its header has this CACHE_VERSION and matches `cache_settings` (the
+  settings and hashes of the examples, the vocab and the embeddings, plus `teacher`), otherwise
+  rebuilt and replaced atomically (temporary file + rename); a version-1 cache (every field
+  changed in each copy, no stop words, no de-duplication) is rebuilt. Arguments as for
+  augment_examples.
   """
   path = os.fspath(cache_path)
   path = epath.Path(path if "://" in path else os.path.expanduser(path))
   examples = list(examples)
-  knobs = dict(p_t=p_t, n_aug=n_aug, k=k, seed=seed, max_seq_length=max_seq_length,
-               fields=tuple(fields))
+  knobs = dict(p_t=p_t, n_aug=task_n_aug(task, n_aug), k=k, seed=seed,
+               max_seq_length=max_seq_length, fields=tuple(fields), stop_words=stop_words,
+               dedup=dedup, separate_fields=separate_fields, mlm_context=mlm_context)
   settings = cache_settings(examples, tokenizer, word_embeddings, teacher=teacher, **knobs)
   cached = _read_cache(path, settings)
   if cached is not None:

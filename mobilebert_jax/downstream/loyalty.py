@@ -72,18 +72,26 @@ def batched_logits(predict: Predictor, arrays: Mapping[str, np.ndarray],
 
 
 def evaluate_loyalty(teacher_predict: Predictor, student_predict: Predictor,
-                     arrays: Mapping[str, np.ndarray], batch_size: int) -> dict[str, float]:
-  """Label loyalty (argmax agreement) and probability loyalty (mean 1 - sqrt(JSD), base 2) of the
-  student to the teacher over `arrays`, both from float64 softmaxes of the logits."""
+                     arrays: Mapping[str, np.ndarray], batch_size: int,
+                     base: float | None = None) -> dict[str, float]:
+  """Label loyalty (argmax agreement) and probability loyalty (mean 1 - sqrt(JSD)) of the
+  student to the teacher over `arrays`, both from float64 softmaxes of the logits.
+
+  JSD uses natural logarithms by default, as SciPy's `distance.jensenshannon` that the loyalty
+  paper's reference names (Xu et al., 2021); `base=2` gives the [0, 1]-bounded variant.
+  """
   return loyalty_scores(batched_logits(teacher_predict, arrays, batch_size),
-                        batched_logits(student_predict, arrays, batch_size))
+                        batched_logits(student_predict, arrays, batch_size), base)
 
 
-def loyalty_scores(teacher: np.ndarray, student: np.ndarray) -> dict[str, float]:
-  """Label and probability loyalty of student logits [N, C] to teacher logits [N, C]."""
+def loyalty_scores(teacher: np.ndarray, student: np.ndarray,
+                   base: float | None = None) -> dict[str, float]:
+  """Label and probability loyalty of student logits [N, C] to teacher logits [N, C]
+  (`base`: the JSD's logarithm, None = natural, as `metrics.probability_loyalty`)."""
   teacher, student = np.asarray(teacher), np.asarray(student)
   if teacher.shape != student.shape:
     raise ValueError(f"teacher logits {teacher.shape} and student logits {student.shape} differ "
                      "in shape: do the two models have the same number of labels?")
   t, s = softmax(teacher), softmax(student)
-  return {"label_loyalty": label_loyalty(t, s), "probability_loyalty": probability_loyalty(t, s)}
+  return {"label_loyalty": label_loyalty(t, s),
+          "probability_loyalty": probability_loyalty(t, s, base)}

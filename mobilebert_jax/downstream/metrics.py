@@ -136,23 +136,42 @@ def label_loyalty(teacher_probs, student_probs) -> float:
   return float(np.mean(t.argmax(axis=1) == s.argmax(axis=1)))
 
 
-def jensen_shannon(p, q) -> np.ndarray:
-  """Row-wise JSD in bits (base-2 logs, so JSD in [0, 1]):
-  JSD(P, Q) = KL(P || M) / 2 + KL(Q || M) / 2, M = (P + Q) / 2, with 0 log 0 = 0."""
+def jensen_shannon(p, q, base: float | None = None) -> np.ndarray:
+  """Row-wise Jensen-Shannon divergence, logarithms to `base` (None: natural log, in nats):
+
+      JSD(P, Q) = KL(P || M) / 2 + KL(Q || M) / 2,  M = (P + Q) / 2,  0 log 0 = 0,
+
+  in [0, log_base 2] (so in [0, 1] for base=2). sqrt(JSD) is
+  `scipy.spatial.distance.jensenshannon(p, q, base)`, whose default base is also e.
+  """
   p = np.asarray(p, np.float64)
   q = np.asarray(q, np.float64)
+  if base is not None and not (base > 0 and base != 1):
+    raise ValueError(f"base must be None (natural log) or a positive number other than 1, "
+                     f"got {base!r}")
   m = (p + q) / 2
 
   def kl(a):
     with np.errstate(divide="ignore", invalid="ignore"):
-      terms = np.where(a > 0, a * np.log2(a / m), 0.0)
+      terms = np.where(a > 0, a * np.log(a / m), 0.0)
     return terms.sum(axis=-1)
 
-  return np.clip(0.5 * kl(p) + 0.5 * kl(q), 0.0, 1.0)
+  jsd = 0.5 * kl(p) + 0.5 * kl(q)
+  if base is not None:
+    jsd = jsd / np.log(base)
+  upper = np.log(2.0) if base is None else np.log(2.0) / np.log(base)
+  return np.clip(jsd, 0.0, upper)
 
 
-def probability_loyalty(teacher_probs, student_probs) -> float:
-  """Probability loyalty = mean over examples of 1 - sqrt(JSD(teacher, student)), JSD with
-  base-2 logarithms (in [0, 1]): 1 for identical, 0 for disjoint distributions."""
+def probability_loyalty(teacher_probs, student_probs, base: float | None = None) -> float:
+  """Probability loyalty (Xu et al., 2021, "Beyond Preserved Accuracy") = mean over examples of
+
+      1 - sqrt(JSD(teacher, student))
+
+  with natural logarithms by default, as the paper's reference computes it with SciPy's
+  `distance.jensenshannon` at its default base (README of JetRunner/beyond-preserved-accuracy):
+  1 for identical distributions, 1 - sqrt(ln 2) ~ 0.167 for disjoint ones. `base=2` gives
+  JSD in bits, so the loyalty is in [0, 1] (0 for disjoint distributions).
+  """
   t, s = _probs(teacher_probs, student_probs, "probability_loyalty")
-  return float(np.mean(1.0 - np.sqrt(jensen_shannon(t, s))))
+  return float(np.mean(1.0 - np.sqrt(jensen_shannon(t, s, base))))

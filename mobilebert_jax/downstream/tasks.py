@@ -201,6 +201,16 @@ TASKS: Mapping[str, GlueTask] = types.MappingProxyType({
 })
 
 
+# N_a, the augmented copies tried per example and field in TinyBERT's data augmentation, as the
+# release sets them by task (data_augmentation.py, `default_params`, lines 300-312 of
+# huawei-noah/Pretrained-Language-Model@0598f02). Its STS-B entry is spelt "STS-b" and never
+# matches the task name "STS-B", so STS-B gets the `--N` default, also 30. WNLI has no value
+# (the release does not augment it); augmentation.DEFAULT_N_AUG (20, the paper's) applies.
+TINYBERT_AUGMENTATION_N: Mapping[str, int] = types.MappingProxyType({
+    "cola": 30, "sst2": 20, "mrpc": 30, "stsb": 30, "qqp": 10, "mnli": 10, "qnli": 20,
+    "rte": 30})
+
+
 def _normalise(name: str) -> str:
   return name.strip().lower().replace("-", "").replace("_", "")
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilebert_jax.objectives.common import (as_f32, check_attention_pair, check_rank,
-                                              masked_mean, soft_cross_entropy, token_mask,
-                                              weighted_mean)
+                                              check_same_shape, masked_mean,
+                                              soft_cross_entropy, token_mask, weighted_mean)
 
 Array = jax.Array
 
@@ -108,15 +108,27 @@ def attention_score_loss(student_scores: Array, teacher_scores: Array,
 def prediction_loss(student_logits: Array, teacher_logits: Array,
                     temperature: float = 1.0, weights: Optional[Array] = None,
                     scale_by_temperature_squared: bool = False) -> Array:
-  """Prediction-layer soft cross-entropy (TinyBERT, no T^2 scaling by default):
+  """Prediction-layer distillation loss (TinyBERT, Jiao et al., 2020: L_pred), per row:
 
-      loss = mean_rows -sum_c softmax(z_t / T)_c * log_softmax(z_s / T)_c  [x T^2 if flag]
+      C > 1 (classes):    -sum_c softmax(z_t / T)_c * log_softmax(z_s / T)_c  [x T^2 if flag]
+      C = 1 (regression): (z_s - z_t)^2           (temperature and the T^2 flag are ignored)
 
-  Logits are [..., C]; rows are all leading positions, or a weighted mean with
-  `weights` of the leading shape (e.g. MLM slot weights, 0 = padding).
+  then the mean over rows, or a weighted mean with `weights` of the leading shape (e.g.
+  MLM slot weights, 0 = padding). Logits are [..., C].
+
+  A soft cross-entropy over one logit is identically 0 (softmax of one value is 1), so a
+  regression head (STS-B) is distilled with a squared error instead, as TinyBERT's
+  task_distill.py does for `output_mode == "regression"` (MSELoss, lines 969-973 of
+  huawei-noah/Pretrained-Language-Model@0598f02). Note the release regresses the student onto
+  the gold score there, not the teacher's; to reproduce that, pass `labels[:, None]` as
+  `teacher_logits`. For C > 1 the release averages over classes too (`.mean()` over [B, C],
+  line 908), i.e. its loss is this one divided by C; the sum over classes here is the paper's.
   """
+  check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
   student = as_f32(student_logits)
   teacher = jax.lax.stop_gradient(as_f32(teacher_logits))
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
   if weights is not None:  # rows with weight 0 are zeroed: no NaN/inf leaks into grads
     if tuple(jnp.shape(weights)) != student.shape[:-1]:
       raise ValueError(
@@ -125,9 +137,13 @@ def prediction_loss(student_logits: Array, teacher_logits: Array,
     used = (jnp.asarray(weights) > 0)[..., None]
     student = jnp.where(used, student, 0.0)
     teacher = jnp.where(used, teacher, 0.0)
-  ce = soft_cross_entropy(student, teacher, temperature)
-  loss = jnp.mean(ce) if weights is None else weighted_mean(ce, weights)
-  if scale_by_temperature_squared:
+  regression = student.ndim >= 1 and student.shape[-1] == 1
+  if regression:
+    per_row = jnp.square(student - teacher)[..., 0]
+  else:
+    per_row = soft_cross_entropy(student, teacher, temperature)
+  loss = jnp.mean(per_row) if weights is None else weighted_mean(per_row, weights)
+  if scale_by_temperature_squared and not regression:
     loss = loss * temperature ** 2
   return loss
 

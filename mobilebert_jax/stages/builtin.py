@@ -11,14 +11,25 @@ from mobilebert_jax.models import build_model
 from mobilebert_jax.quantization import kdlsq
 from mobilebert_jax.search import nas
 from mobilebert_jax.stages.registry import StageSpec, register
+from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import EvalContext, Evaluation
 
 # MobileBERT's layer-wise transfer weights (Sun et al., 2020; the original release's
 # distill_util defaults): hidden MSE x100, mean gap x5000, variance gap x5, attention KL x1.
 TRANSFER_KEYS = dict(hidden_factor=100.0, beta_factor=5000.0, gamma_factor=5.0,
                      attention_factor=1.0)
-# Pretraining distillation: alpha * MLM + (1 - alpha) * KD at temperature T.
+# Pretraining distillation: alpha * MLM + (1 - alpha) * KD at temperature T (the release's
+# distill_ground_truth_ratio=0.5, distill_temperature=1).
 PD_KEYS = dict(alpha=0.5, temperature=1.0)
+# MobileBERT's distillation runs the student without dropout (run_pretraining.py builds it with
+# is_training=False whenever a teacher is present); True turns its dropout back on.
+NO_DROPOUT = dict(student_dropout=False)
+# The layer-wise phases start from the teacher's embeddings and heads and keep them frozen
+# (run_pretraining.py: init_embedding=True copies every teacher variable outside bert/encoder).
+COPY_KEYS = dict(copy_from_teacher=True)
+# PKT's per-layer rates (lamb_optimizer.py, distill_util.layer_wise_learning_rate): 3 x the
+# per-phase warm-up on the layer being trained, 3 x 0.1 x it on the layers below.
+PKT_KEYS = dict(current_layer_multiplier=3.0, lower_layer_multiplier=0.3)
 TINYBERT_KEYS = dict(layer_mapping="uniform", layer_mapping_order="nondecreasing")
 # Fine-tuning by epochs with a 10% linear warm-up (BERT's GLUE/SQuAD recipe).
 EPOCH_KEYS = dict(num_epochs=3.0, warmup_fraction=0.1)
@@ -107,18 +118,30 @@ def check_distillation(name, stage, teacher, student) -> None:
   strategies.check_pair(name, stage, teacher, student)
 
 
+def check_pkt(name, stage, teacher, student) -> None:
+  """PKT's rates are `pkt_multipliers` x a constant base rate: the release runs the layer-wise
+  phase with no decay (optimization.py `create_optimizer(..., num_warmup_steps=0,
+  end_lr_rate=1.0)`), so the stage's optimizer must have schedule="constant"."""
+  check_distillation(name, stage, teacher, student)
+  schedule = stage.optimizer.get("schedule", optim.DEFAULTS["schedule"])
+  if schedule != "constant":
+    raise ValueError(f"config.{name}.optimizer.schedule={schedule!r}: progressive knowledge "
+                     "transfer runs at a constant base rate shaped per layer and phase (the "
+                     f"release); set --config.{name}.optimizer.schedule=constant")
+
+
 for spec in (
     StageSpec("pretrain", loss=strategies.pretrain_loss, role="teacher"),
     StageSpec("akt", loss=strategies.akt_loss, teacher_head="pretraining",
-              keys=dict(TRANSFER_KEYS, **PD_KEYS), check=check_distillation),
-    StageSpec("jkt", loss=strategies.jkt_loss, teacher_head="pretraining", keys=TRANSFER_KEYS,
-              check=check_distillation),
+              keys=dict(TRANSFER_KEYS, **PD_KEYS, **NO_DROPOUT), check=check_distillation),
+    StageSpec("jkt", loss=strategies.jkt_loss, teacher_head="pretraining",
+              keys=dict(TRANSFER_KEYS, **NO_DROPOUT, **COPY_KEYS), check=check_distillation,
+              multipliers=strategies.jkt_multipliers),
     StageSpec("pkt", loss=strategies.pkt_loss, teacher_head="pretraining",
-              keys=dict(TRANSFER_KEYS, lower_layer_multiplier=0.0, current_layer_multiplier=1.0),
-              check=check_distillation, multipliers=strategies.pkt_multipliers,
-              scan_layers=False),
-    StageSpec("pd", loss=strategies.pd_loss, teacher_head="pretraining", keys=PD_KEYS,
-              check=check_distillation),
+              keys=dict(TRANSFER_KEYS, **PKT_KEYS, **NO_DROPOUT, **COPY_KEYS), check=check_pkt,
+              multipliers=strategies.pkt_multipliers, scan_layers=False),
+    StageSpec("pd", loss=strategies.pd_loss, teacher_head="pretraining",
+              keys=dict(PD_KEYS, **NO_DROPOUT), check=check_distillation),
     StageSpec("tinybert", loss=strategies.tinybert_loss, teacher_head="pretraining",
               keys=TINYBERT_KEYS, check=check_distillation,
               aux_init=strategies.tinybert_aux_init),

@@ -269,10 +269,11 @@ def stage_length(stage, batches_per_epoch: int) -> int:
 
 def optimizer_config(stage, num_steps: int, warmup_steps: int | None = None
                      ) -> ml_collections.ConfigDict:
-  """The stage's optimizer block for a run of `num_steps` (warm-up `warmup_fraction` of the
-  steps when that is set)."""
+  """The stage's optimizer block for a run of `num_steps` micro-steps (warm-up
+  `warmup_fraction` of the optimizer steps, num_steps // grad_accum_steps, when that is set)."""
   opt = ml_collections.ConfigDict(stage.optimizer.to_dict())
   opt.total_steps = int(num_steps)
   if float(stage.warmup_fraction) > 0:
-    opt.warmup_steps = int(round(float(stage.warmup_fraction) * num_steps))
+    updates = int(num_steps) // int(opt.get("grad_accum_steps", 1))
+    opt.warmup_steps = int(round(float(stage.warmup_fraction) * updates))
   return opt

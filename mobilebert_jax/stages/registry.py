@@ -91,13 +91,15 @@ class StageSpec:
 # Keys every stage block has (besides `strategy`), with their defaults. `model` defaults to the
 # entry's role; `num_steps` 0 = derived from `num_epochs` x the task's training data
 # (downstream stages only); `warmup_fraction` > 0 sets the optimizer's warm-up to that share of
-# the steps.
+# the steps; `copy_from_teacher` starts a fresh student from the teacher's embeddings, pooler
+# and heads (`runner.copy_teacher_parts`; on by default only where the MobileBERT release
+# copies them: jkt, pkt).
 COMMON_KEYS: dict[str, Any] = {
     "model": "",
     "num_steps": 0,
     "num_epochs": 0.0,
     "warmup_fraction": 0.0,
-    "copy_from_teacher": True,
+    "copy_from_teacher": False,
     "init_from_teacher": "",
     "etd_importance": "first_order",
     "etd_num_batches": 8,

@@ -168,8 +168,8 @@ class Trainer:
       return augmentation.load_or_augment(
           cache, examples, tokenizer, augmentation.mlm_predict_fn(mlm_model, mlm_params),
           augmentation.token_embedding_table(mlm_params), p_t=float(aug.p_t),
-          n_aug=int(aug.n_aug), k=int(aug.k), seed=int(self.config.seed),
-          max_seq_length=int(self.config.data.max_seq_length), teacher=aug.mlm_checkpoint)
+          n_aug=int(aug.n_aug) or None, task=self.config.task, k=int(aug.k),
+          seed=int(self.config.seed), teacher=aug.mlm_checkpoint)
     return augment
 
   def prepared_data_dir(self) -> str:
@@ -446,9 +446,11 @@ class Trainer:
       unscanned = latest.config.replace(scan_layers=False)
       model = jax.tree.map(np.asarray, pretrained.init_params(
           build_model(unscanned, spec.head), unscanned, model_key))
-      teacher = self.roles["teacher"].params
-      if role == "student" and stage.copy_from_teacher and teacher is not None:
-        copied = copy_teacher_parts(model, teacher)
+      teacher = self.roles["teacher"]
+      if role == "student" and stage.copy_from_teacher and teacher.params is not None:
+        copied = copy_teacher_parts(model, teacher.params, teacher_head=teacher.head,
+                                    same_norm=teacher.config.normalization ==
+                                    latest.config.normalization)
         log.info("stage %r: copied %d tensors (embeddings and heads) from the teacher", name,
                  len(copied))
     if spec.aux_from is not None:  # e.g. LSQ steps from the real weights and data
@@ -472,33 +474,49 @@ class BuiltStage:
   step_fn: Any            # jitted (state, teacher_params, batch) -> (state, metrics)
 
 
-def copy_matching(dst: dict, src, path: str = "") -> list[str]:
-  """Copies subtrees of `src` into `dst` (in place) where structure and shapes match."""
+def copy_matching(dst: dict, src, path: str = "", skip=lambda path: False) -> list[str]:
+  """Copies the leaves of `src` into `dst` (in place) where the path exists in both with the
+  same shape and `skip(path)` is false; returns the copied paths."""
   copied = []
+  if not (isinstance(src, dict) and isinstance(dst, dict)):
+    return copied
   for key, value in src.items():
-    if key not in dst:
+    where = f"{path}{key}"
+    if key not in dst or skip(where):
       continue
     if isinstance(value, dict):
-      if isinstance(dst[key], dict):
-        copied += copy_matching(dst[key], value, f"{path}{key}/")
-    elif np.shape(dst[key]) == np.shape(value):
+      copied += copy_matching(dst[key], value, f"{where}/", skip)
+    elif not isinstance(dst[key], dict) and np.shape(dst[key]) == np.shape(value):
       dst[key] = np.asarray(value)
-      copied.append(path + key)
+      copied.append(where)
   return copied
 
 
-def copy_teacher_parts(student: dict, teacher: dict) -> list[str]:
-  """The teacher's MLM/NSP heads, embeddings and pooler copied into a fresh student where the
-  shapes match; returns the copied paths."""
+def copy_teacher_parts(student: dict, teacher: dict, teacher_head: str = "pretraining",
+                       same_norm: bool = True) -> list[str]:
+  """The teacher's embeddings, pooler and MLM/NSP heads copied into a fresh student where
+  names and shapes match; returns the copied paths.
+
+  As the release's layer-wise phase (run_pretraining.py with modeling.py
+  `get_assignment_map_from_checkpoint(init_embedding=True)`): every teacher variable outside
+  `bert/encoder` that the student has under the same name. The teacher's LayerNorm and the
+  student's NoNorm have different names there (`LayerNorm` vs `FakeLayerNorm`), so backbone
+  norms are copied only when both use the same normalization (`same_norm`); the MLM head's
+  transform norm is a LayerNorm in both and is copied. A teacher without heads (`base`, e.g.
+  transformers' BertModel) gives its embeddings and pooler; a tree with neither heads nor a
+  backbone gives nothing.
+  """
   copied = []
   for top in ("mlm", "nsp"):
-    if top in teacher and top in student:
+    if teacher_head != "base" and top in teacher and top in student:
       copied += copy_matching(student[top], teacher[top], f"{top}/")
-  if "backbone" in teacher and "backbone" in student:
+  backbone = teacher if teacher_head == "base" else teacher.get("backbone")
+  if isinstance(backbone, dict) and "backbone" in student:
+    skip = (lambda p: False) if same_norm else (lambda p: "norm" in p.rsplit("/", 1)[-1].lower())
     for sub in ("embeddings", "pooler"):
-      if sub in teacher["backbone"] and sub in student["backbone"]:
-        copied += copy_matching(student["backbone"][sub], teacher["backbone"][sub],
-                                f"backbone/{sub}/")
+      if sub in backbone and sub in student["backbone"]:
+        copied += copy_matching(student["backbone"][sub], backbone[sub], f"backbone/{sub}/",
+                                skip)
   return copied
 
 

@@ -1,11 +1,18 @@
 """Optimiser shared by every stage: LR schedule, weight-decay mask, per-parameter LR
 multipliers and the LAMB / AdamW chain (optax).
 
-Reference MobileBERT distillation settings (Sun et al., 2020, and its google-research
-release): LAMB, learning rate 1.5e-3, 10k linear warm-up steps then linear decay to 0,
-batch 2048; weight decay 0.01 on kernels/embeddings only. Progressive knowledge transfer (PKT) is expressed with
-`scale_by_multipliers`: a per-layer multiplier that is 0 before the layer's phase,
-1 during it and 0.1 after.
+Reference MobileBERT settings (Sun et al., 2020; google-research `mobilebert/`, README and
+optimization.py `create_optimizer`): LAMB, learning rate 1.5e-3, batch 2048, weight decay 0.01
+on kernels/embeddings only. Pretraining distillation: 10k linear warm-up steps then linear decay
+to `end_lr_rate` x 1.5e-3 (end_lr_rate = 1e-4; `end_learning_rate` in
+configs/mobilebert_distill.py, 0 by default here). The layer-wise phase runs at a constant 1.5e-3
+(`num_warmup_steps=0`, `end_lr_rate=1.0`: `schedule="constant"` here); progressive knowledge
+transfer (PKT) shapes it per layer with `scale_by_multipliers`
+(`mobilebert_jax.distill.strategies.pkt_multipliers`).
+
+Steps: with gradient accumulation (`grad_accum_steps` = k > 1, `optax.MultiSteps`) the schedule
+and the multipliers count optimizer steps, one per k micro-steps (batches); a stage of N
+micro-steps makes N // k updates.
 
 Parameter paths are the '/'-joined dict keys of the params tree, e.g.
 "encoder/layer_0/attention/query/kernel" (flax box wrappers such as
@@ -35,9 +42,11 @@ DEFAULTS = {
     "weight_decay": 0.01,
     "grad_clip_norm": 1.0,
     "grad_accum_steps": 1,
+    "schedule": "linear",
     "optimizer": "lamb",
     "trust_ratio_on_all_params": False,
 }
+SCHEDULES = ("linear", "constant")
 
 
 # ----------------------------------------------------------------------------------------
@@ -45,13 +54,15 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------------------
 
 def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int,
-                           end_lr: float = 0.0, power: float = 1.0) -> Schedule:
-  """Linear warm-up then polynomial decay, as a jit-able `step -> lr` function:
+                           end_lr: float = 0.0, power: float = 1.0,
+                           decay: bool = True) -> Schedule:
+  """Linear warm-up then polynomial decay (or a constant rate), as a jit-able `step -> lr`:
 
       lr(s) = base_lr * s / warmup_steps                                  for s < warmup
       lr(s) = (base_lr - end_lr) * (1 - (s - warmup) / (total - warmup))^power + end_lr
                                                                           for s >= warmup
-  clamped to end_lr for s >= total_steps. lr(0) = 0 when warmup_steps > 0.
+  clamped to end_lr for s >= total_steps; with `decay=False`, lr(s) = base_lr for s >= warmup
+  (the release's layer-wise phase: `end_lr_rate=1.0`). lr(0) = 0 when warmup_steps > 0.
   """
   if not base_lr >= 0:
     raise ValueError(f"base_lr must be >= 0, got {base_lr!r}")
@@ -70,9 +81,12 @@ def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int,
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = base_lr * step / max(warmup, 1)
-    frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-    decayed = (base_lr - end_lr) * (1.0 - frac) ** power + end_lr
-    return jnp.where(step < warmup, warm, decayed)
+    if decay:
+      frac = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+      after = (base_lr - end_lr) * (1.0 - frac) ** power + end_lr
+    else:
+      after = jnp.full_like(step, base_lr)
+    return jnp.where(step < warmup, warm, after)
 
   return schedule
 
@@ -210,18 +224,22 @@ def scale_by_trust_ratio_per_layer() -> optax.GradientTransformation:
 def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = None):
   """Builds the optimiser from a ConfigDict (or dict); returns `(tx, schedule_fn)`.
 
-  Fields (default): learning_rate (1.5e-3), warmup_steps (10000), total_steps
-  (required), end_learning_rate (0.0), decay_power (1.0), b1 (0.9), b2 (0.999),
-  eps (1e-6), weight_decay (0.01), grad_clip_norm (1.0; <= 0 disables),
-  grad_accum_steps (1; > 1 wraps in `optax.MultiSteps`, averaging gradients),
-  optimizer ("lamb" or "adamw"), trust_ratio_on_all_params (False: as in the
-  reference LAMB, parameters without weight decay skip the layer-wise trust ratio).
+  Fields (default): learning_rate (1.5e-3), warmup_steps (10000, optimizer steps), total_steps
+  (required: the stage's length in micro-steps, i.e. batches), end_learning_rate (0.0),
+  decay_power (1.0), schedule ("linear": warm-up then decay; "constant": warm-up then
+  learning_rate), b1 (0.9), b2 (0.999), eps (1e-6), weight_decay (0.01), grad_clip_norm (1.0;
+  <= 0 disables), grad_accum_steps (1; k > 1 wraps in `optax.MultiSteps`, averaging the
+  gradients of k micro-steps), optimizer ("lamb" or "adamw"), trust_ratio_on_all_params
+  (False: as in the reference LAMB, parameters without weight decay skip the layer-wise trust
+  ratio).
 
   Chain: clip by global norm -> Adam moments (bias-corrected) -> decoupled weight
   decay on `decay_mask` -> [LAMB: trust ratio ||p|| / ||u|| per tensor, per layer of a
-  stacked tensor] -> -lr(step)
-  -> `scale_by_multipliers(multiplier_fn)` if given. `schedule_fn` is indexed by
-  optimizer step, i.e. micro-step // grad_accum_steps when accumulating.
+  stacked tensor] -> -lr(step) -> `scale_by_multipliers(multiplier_fn)` if given.
+
+  The schedule runs over optimizer steps, as MultiSteps counts them: total_steps // k updates,
+  warmup_steps of them warming up; `schedule_fn(n)` is the rate of update n (0-based), which
+  the micro-step m applies when m % k == k - 1, n = m // k. `multiplier_fn` gets n too.
   """
   def get(name):
     return cfg.get(name, DEFAULTS[name])
@@ -235,13 +253,25 @@ def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = 
   accum = get("grad_accum_steps")
   if int(accum) != accum or accum < 1:
     raise ValueError(f"grad_accum_steps must be an int >= 1, got {accum!r}")
+  accum = int(accum)
   weight_decay = float(get("weight_decay"))
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+  kind = str(get("schedule"))
+  if kind not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {kind!r}")
+  if int(total_steps) != total_steps or total_steps < 0:
+    raise ValueError(f"total_steps must be an int >= 0, got {total_steps!r}")
+  updates = int(total_steps) // accum
+  warmup = get("warmup_steps")
+  if accum > 1 and int(warmup) == warmup and updates < warmup:
+    raise ValueError(f"total_steps={total_steps} micro-steps make {updates} optimizer steps "
+                     f"with grad_accum_steps={accum}, fewer than warmup_steps={warmup}")
 
   schedule_fn = learning_rate_schedule(
-      float(get("learning_rate")), int(get("warmup_steps")), int(total_steps),
-      end_lr=float(get("end_learning_rate")), power=float(get("decay_power")))
+      float(get("learning_rate")), warmup, updates,
+      end_lr=float(get("end_learning_rate")), power=float(get("decay_power")),
+      decay=kind == "linear")
 
   parts = []
   clip = get("grad_clip_norm")
