@@ -284,9 +284,9 @@ def test_jkt_freezes_what_it_copies():
 def test_frozen_copies_need_matching_embeddings():
   teacher, student = tiny_pair()
   stage = stage_block("jkt")
-  builtin.check_distillation("s", stage, teacher, student)
+  strategies.check_pair("s", stage, teacher, student)
   narrow = student.replace(embedding_size=16)
   with pytest.raises(ValueError, match=r"equal embedding_size .*copy_from_teacher=False"):
-    builtin.check_distillation("s", stage, teacher, narrow)
+    strategies.check_pair("s", stage, teacher, narrow)
   stage.copy_from_teacher = False
-  builtin.check_distillation("s", stage, teacher, narrow)
+  strategies.check_pair("s", stage, teacher, narrow)

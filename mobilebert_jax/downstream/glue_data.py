@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from mobilebert_jax.data.sources import epath_of
 from mobilebert_jax.downstream.tasks import STSB_RANGE, GlueTask, SplitLayout, get_task
 
 
@@ -31,17 +32,11 @@ class GlueExample:
 # ---------------------------------------------------------------------------------------------
 # TSV files.
 
-def local_or_remote(path: str | os.PathLike) -> epath.Path:
-  """`path` as an epath (gs:// as is, `~` expanded for local paths)."""
-  path = os.fspath(path)
-  return epath.Path(path if "://" in path else os.path.expanduser(path))
-
-
 def task_dir(task: str | GlueTask, data_dir: str | os.PathLike) -> epath.Path:
   """The task's directory: `data_dir/<GLUE name>` (e.g. glue_data/SST-2) when it exists,
   otherwise `data_dir` itself."""
   task = get_task(task)
-  root = local_or_remote(data_dir)
+  root = epath_of(data_dir)
   return root / task.glue_name if (root / task.glue_name).is_dir() else root
 
 
@@ -335,7 +330,7 @@ def write_predictions(task: str | GlueTask, split: str, predictions, path: str |
   official name into (e.g. MNLI-m.tsv). Returns the path written."""
   name, text = format_predictions(task, split, predictions, indices)
   path = os.fspath(path)
-  out = local_or_remote(path)
+  out = epath_of(path)
   if out.is_dir():
     out = out / name
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mobilebert_jax.downstream.glue_data import local_or_remote
+from mobilebert_jax.data.sources import epath_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def parse_squad(data: Mapping, path: str = "<squad json>") -> list[SquadExample]
 
 def read_squad(path: str | os.PathLike) -> list[SquadExample]:
   """Reads a local SQuAD v1.1 / v2.0 JSON file (train-v1.1.json, dev-v2.0.json, ...)."""
-  path = local_or_remote(path)
+  path = epath_of(path)
   if not path.is_file():
     raise FileNotFoundError(f"SQuAD file {str(path)!r} does not exist")
   with path.open("r", encoding="utf-8") as f:

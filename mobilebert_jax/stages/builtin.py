@@ -114,15 +114,11 @@ def evaluate_squad(ev: EvalContext) -> Evaluation:
       null_threshold=float(sq.null_threshold))
 
 
-def check_distillation(name, stage, teacher, student) -> None:
-  strategies.check_pair(name, stage, teacher, student)
-
-
 def check_pkt(name, stage, teacher, student) -> None:
   """PKT's rates are `pkt_multipliers` x a constant base rate: the release runs the layer-wise
   phase with no decay (optimization.py `create_optimizer(..., num_warmup_steps=0,
   end_lr_rate=1.0)`), so the stage's optimizer must have schedule="constant"."""
-  check_distillation(name, stage, teacher, student)
+  strategies.check_pair(name, stage, teacher, student)
   schedule = stage.optimizer.get("schedule", optim.DEFAULTS["schedule"])
   if schedule != "constant":
     raise ValueError(f"config.{name}.optimizer.schedule={schedule!r}: progressive knowledge "
@@ -133,17 +129,17 @@ def check_pkt(name, stage, teacher, student) -> None:
 for spec in (
     StageSpec("pretrain", loss=strategies.pretrain_loss, role="teacher"),
     StageSpec("akt", loss=strategies.akt_loss, teacher_head="pretraining",
-              keys=dict(TRANSFER_KEYS, **PD_KEYS, **NO_DROPOUT), check=check_distillation),
+              keys=dict(TRANSFER_KEYS, **PD_KEYS, **NO_DROPOUT), check=strategies.check_pair),
     StageSpec("jkt", loss=strategies.jkt_loss, teacher_head="pretraining",
-              keys=dict(TRANSFER_KEYS, **NO_DROPOUT, **COPY_KEYS), check=check_distillation,
+              keys=dict(TRANSFER_KEYS, **NO_DROPOUT, **COPY_KEYS), check=strategies.check_pair,
               multipliers=strategies.jkt_multipliers),
     StageSpec("pkt", loss=strategies.pkt_loss, teacher_head="pretraining",
               keys=dict(TRANSFER_KEYS, **PKT_KEYS, **NO_DROPOUT, **COPY_KEYS), check=check_pkt,
               multipliers=strategies.pkt_multipliers, scan_layers=False),
     StageSpec("pd", loss=strategies.pd_loss, teacher_head="pretraining",
-              keys=dict(PD_KEYS, **NO_DROPOUT), check=check_distillation),
+              keys=dict(PD_KEYS, **NO_DROPOUT), check=strategies.check_pair),
     StageSpec("tinybert", loss=strategies.tinybert_loss, teacher_head="pretraining",
-              keys=TINYBERT_KEYS, check=check_distillation,
+              keys=TINYBERT_KEYS, check=strategies.check_pair,
               aux_init=strategies.tinybert_aux_init),
     StageSpec("finetune", loss=losses.finetune_loss, head="classification", data="glue",
               keys=EPOCH_KEYS, evaluate=evaluate_classifier),
@@ -151,13 +147,13 @@ for spec in (
               keys=EPOCH_KEYS, evaluate=evaluate_squad),
     StageSpec("task_intermediate", loss=strategies.tinybert_loss, head="classification",
               teacher_head="classification", data="glue", keys=TINYBERT_KEYS,
-              check=check_distillation, aux_init=strategies.tinybert_aux_init),
+              check=strategies.check_pair, aux_init=strategies.tinybert_aux_init),
     StageSpec("task_prediction", loss=strategies.task_prediction_loss, head="classification",
               teacher_head="classification", data="glue", keys=dict(temperature=1.0),
-              check=check_distillation, evaluate=evaluate_classifier),
+              check=strategies.check_pair, evaluate=evaluate_classifier),
     StageSpec("kdlsq", loss=kdlsq.kdlsq_loss, head="classification",
               teacher_head="classification", data="glue",
-              keys=dict(weight_bits=8, act_bits=8, temperature=1.0), check=check_distillation,
+              keys=dict(weight_bits=8, act_bits=8, temperature=1.0), check=strategies.check_pair,
               aux_init=kdlsq.kdlsq_aux_init, aux_from=kdlsq.kdlsq_aux_from,
               evaluate=evaluate_lsq, save_aux=kdlsq.save_steps, scan_layers=False),
     StageSpec("nas", run=nas.run_nas_stage, teacher_head="base", exports="architectures",

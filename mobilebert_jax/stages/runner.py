@@ -42,7 +42,7 @@ from mobilebert_jax.training import core
 from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import (EvalContext, Evaluation, LossContext, RoleState,
                                              StageEnv)
-from mobilebert_jax.training.metrics import CONFIG_FILE, MetricsWriter
+from mobilebert_jax.training.metrics import CONFIG_FILE, MetricsWriter, flatten_config
 
 log = logging.getLogger("mobilebert_jax")
 PREPARED_DATA_DIR = "prepared_data"
@@ -56,20 +56,9 @@ class ConfigChangedError(ValueError):
   """The workdir holds a run of another config."""
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{"a.b": value} for a nested dict."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_diff(old: dict, new: dict) -> list[str]:
   """`key: old -> new` for every training-relevant key that differs."""
-  a, b = flatten(old), flatten(new)
+  a, b = flatten_config(old), flatten_config(new)
   lines = []
   for key in sorted(set(a) | set(b)):
     if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):

@@ -183,7 +183,7 @@ class MetricsWriter:
     epath.Path(self.workdir, CONFIG_FILE).write_text(text + "\n")
     writer = self._summary_writer("")
     if writer is not None:
-      flat = _flatten(json.loads(text))
+      flat = flatten_config(json.loads(text))
       writer.add_text("config", _config_table(flat))
       _add_hparams(writer, flat)
 
@@ -260,13 +260,13 @@ class MetricsWriter:
     return self._summary_writers[subdir]
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """Nested dicts to one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
   flat = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
     if isinstance(value, Mapping) and value:
-      flat.update(_flatten(value, name + "."))
+      flat.update(flatten_config(value, name + "."))
     else:
       flat[name] = value
   return flat
