@@ -1,15 +1,19 @@
-"""KDLSQ-BERT: quantization-aware training with learned step sizes, distilled from the float model.
+"""KDLSQ-BERT (Jin et al. 2021): quantization-aware training with learned step sizes, distilled
+from the float model.
 
     python -m mobilebert_jax.main --config=configs/kdlsq.py --workdir=DIR --config.task=sst2 \
-        --config.data_dir=GLUE_DIR --config.teacher_checkpoint=FT --config.init_checkpoint=FT \
-        --config.quantize.weight_bits=2 --config.quantize.act_bits=8
+        --config.data_dir=GLUE_DIR --config.teacher_checkpoint=FT --config.init_checkpoint=FT
 
 FT is a fine-tuned classifier (a configs/glue.py result): it is the full-precision teacher and the
-starting point of the quantized student. Weights and dense-layer inputs are fake-quantized with
-LSQ (straight-through estimator, learned step sizes with the LSQ gradient scale) at 2-8 bits;
-the loss is the prediction soft cross-entropy plus hidden-state MSE over every layer.
-`eval_results.json` gets `lsq<bits>_dev_<metric>`, the model size in bits and the compression
-ratio against float32; the steps are stored in `quantize/final/lsq_steps.npz`. Set
+starting point of the quantized student. Weights, dense-layer inputs and the word embeddings are
+fake-quantized with LSQ (straight-through estimator, learned step sizes with the LSQ gradient
+scale), by default at the paper's 2-bit weights / 8-bit activations (`weight_bits`, `act_bits`,
+`embedding_bits`, `quantize_embeddings`), steps initialised from KDLSQ's truncated range
+(`step_init`). The loss is hidden-state + attention-score MSE over every layer plus the
+prediction soft cross-entropy, and `ground_truth_weight` x the hard-label loss (0: off); the keys
+and their sources are in `mobilebert_jax.quantization.kdlsq.STAGE_KEYS`. `eval_results.json` gets
+`lsq<bits>_dev_<metric>`, the stored model's size in bits and its compression ratio against
+float32 (step sizes included); the steps are stored in `quantize/final/lsq_steps.npz`. Set
 `--config.quantization.ptq_eval=True` on a configs/glue.py run for post-training int8 instead.
 """
 
@@ -17,6 +21,7 @@ import ml_collections
 
 from mobilebert_jax.default_config import model_block, optimizer
 from mobilebert_jax.default_config import get_config as demo_config
+from mobilebert_jax.quantization.kdlsq import STAGE_KEYS
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,7 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
   opt = optimizer(learning_rate=2e-5, warmup_steps=300)
   opt.optimizer = "adamw"
   c.quantize = ml_collections.ConfigDict(dict(
-      strategy="kdlsq", model="student", num_steps=6000, weight_bits=8, act_bits=8,
-      temperature=1.0, optimizer=opt))
+      strategy="kdlsq", model="student", num_steps=6000, optimizer=opt, **STAGE_KEYS))
   del c["teacher_pretrain"], c["pkt"], c["pd"]
   return c

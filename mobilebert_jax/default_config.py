@@ -65,7 +65,7 @@ def model_block(preset: str = "", **values) -> ml_collections.ConfigDict:
   """`config.teacher` / `config.student`: a preset name, `tiny`, and every ModelConfig field;
   fields not given are typed placeholders (None = the preset's value), so any of them can be
   overridden from the command line (`--config.teacher.hidden_size=384`)."""
-  block = {"preset": preset, "tiny": False}
+  block = {"preset": preset, "tiny": bool(values.pop("tiny", False))}
   for field in dataclasses.fields(ModelConfig):
     if field.name in values:
       block[field.name] = values.pop(field.name)
@@ -102,13 +102,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.squad_data = ml_collections.ConfigDict(dict(
       train_file="", dev_file="", version_2=False, doc_stride=128, max_query_length=64,
       n_best=20, max_answer_length=30, null_threshold=0.0))
+  # Sequence tagging (CoNLL format: token ... tag per line, blank line between sentences):
+  # the tag is column `tag_column` (-1: last); scheme "bio" scores span F1 (NER, chunking),
+  # "accuracy" per-word accuracy (POS); unlabeled_file (one sentence per line) feeds CVT.
+  c.tagging_data = ml_collections.ConfigDict(dict(
+      train_file="", dev_file="", unlabeled_file="", tag_column=-1, scheme="bio"))
   # TinyBERT data augmentation for task distillation (mlm_checkpoint: a pretrained model with
   # an MLM head; n_aug 0 = the release's per-task N_a, downstream.tasks.TINYBERT_AUGMENTATION_N).
   c.augmentation = ml_collections.ConfigDict(dict(enabled=False, mlm_checkpoint="", p_t=0.4,
                                                   n_aug=0, k=15, cache=""))
-  # Evaluations after a GLUE stage: a word-substitution attack, post-training int8.
-  c.robustness = ml_collections.ConfigDict(dict(enabled=False, max_examples=100, k=15,
-                                                max_fraction=0.3))
+  # Evaluations after a GLUE stage: the TextFooler attack (Jin et al., 2020), post-training
+  # int8. Attack defaults are the release's (jind11/TextFooler): 1000 examples, 50 synonyms
+  # with cosine >= 0.5 (-1: no threshold), no budget of changed words (max_fraction 1.0), the
+  # hypothesis of a pair (fields "auto"), similarity >= 0.7 over 15 words (0.1 for shorter
+  # texts), angular ("angular" | "cosine"). word_vectors: a "word v1 v2 ..." file
+  # (counter-fitted vectors; empty: the model's token embeddings); sentence_encoder: a local
+  # BERT-family checkpoint dir (empty: no similarity check); pos_tagger: "module:function"
+  # returning universal tags (empty: no POS check).
+  c.robustness = ml_collections.ConfigDict(dict(
+      enabled=False, max_examples=1000, k=50, min_similarity=0.5, max_fraction=1.0,
+      fields="auto", importance="delete", word_vectors="", sentence_encoder="",
+      sentence_threshold=0.7, sentence_window=15, sentence_threshold_short=0.1,
+      sentence_metric="angular", pos_tagger=""))
   c.quantization = ml_collections.ConfigDict(dict(
       ptq_eval=False, weight_bits=8, act_bits=8, embedding_bits=8, calibration="max",
       calibration_batches=8))

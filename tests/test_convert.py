@@ -51,7 +51,8 @@ def test_cli_round_trip_gives_identical_transformers_logits(model_type, cls, tmp
 
 
 @pytest.mark.parametrize("head,cls", [("classification", "MobileBertForSequenceClassification"),
-                                      ("question_answering", "MobileBertForQuestionAnswering")])
+                                      ("question_answering", "MobileBertForQuestionAnswering"),
+                                      ("token_classification", "MobileBertForTokenClassification")])
 def test_export_native_heads_to_transformers(head, cls, tmp_path):
   config = tiny(get_preset("mobilebert"), vocab_size=64).replace(num_labels=3)
   import jax
@@ -67,7 +68,7 @@ def test_export_native_heads_to_transformers(head, cls, tmp_path):
     expected = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                            token_type_ids=torch.tensor(types))
   got = model.apply({"params": loaded}, ids, mask, types)
-  if head == "classification":
+  if head in ("classification", "token_classification"):
     np.testing.assert_allclose(np.asarray(got.logits), expected.logits.numpy(), atol=1e-5)
   else:
     np.testing.assert_allclose(np.asarray(got.start_logits), expected.start_logits.numpy(),

@@ -283,7 +283,7 @@ def test_impt_keeps_planted_heads_and_neurons():
 
 
 def test_first_order_scores_are_the_gate_derivatives():
-  """|dL/dg| of a gate scaling a head's context, an FFN neuron, a query dimension and a hidden
+  """sum over batches of |dL_b/dg| of a gate scaling a head's context, an FFN neuron, a query dimension and a hidden
   channel (all of its residual-stream norms), by float64 central differences."""
   cfg = bert(layers=2)
   params = random_params(cfg, scale=0.3)
@@ -316,15 +316,15 @@ def test_first_order_scores_are_the_gate_derivatives():
 
   with jax.enable_x64(True):
     model = build_model(cfg, "pretraining", dtype=jnp.float64, param_dtype=jnp.float64)
-    total = jax.jit(lambda p: sum(etd._mlm_loss(model, p, b) for b in batches))
+    per_batch = jax.jit(lambda p: jnp.stack([etd._mlm_loss(model, p, b) for b in batches]))
 
     def derivative(scale, eps=3e-2):  # the attention softmax runs in float32 even here
       values = []
       for g in (1 + eps, 1 - eps):
         p = jax.tree.map(lambda x: np.array(x, np.float64), params)
         scale(p, g)
-        values.append(float(total(p)))
-      return abs(values[0] - values[1]) / (2 * eps)
+        values.append(np.asarray(per_batch(p)))
+      return float(np.sum(np.abs(values[0] - values[1]) / (2 * eps)))  # sum_b |dL_b/dg|
 
     found = {"head": scores["heads"][1, head], "neuron": scores["ffn"][0, neuron],
              "query dim": scores["qk_dims"][0, q_head, q_dim], "hidden": scores["hidden"][channel]}
@@ -335,6 +335,12 @@ def test_first_order_scores_are_the_gate_derivatives():
     np.testing.assert_allclose(found[key], wanted[key], rtol=5e-3, atol=2e-5, err_msg=key)
   # A head's score is the sum of its value/output dims' gates (signed), so never more.
   assert np.all(scores["heads"] <= scores["vo_dims"].sum(-1) + 1e-6)
+
+  # The absolute value is taken per batch: scores add up over batches (no cancelling).
+  singles = [etd.importance_scores(None, cfg, params, [b]) for b in batches]
+  for kind in scores:
+    np.testing.assert_allclose(scores[kind], singles[0][kind] + singles[1][kind], rtol=1e-6,
+                               err_msg=kind)
 
   # A head whose output is zero has no first-order importance: ETD-Impt drops it.
   dead = jax.tree.map(np.array, params)

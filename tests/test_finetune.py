@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import torch
 import transformers
+from flax import traverse_util
 
 from mobilebert_jax import convert, default_config, load_pretrained, save_pretrained
 from mobilebert_jax.data import sample_vocab_path
@@ -213,15 +214,18 @@ def test_kdlsq_quantization_aware_distillation(tmp_path):
   Trainer(c, str(workdir)).run()
   results = json.loads((workdir / "eval_results.json").read_text())
   assert results["lsq4_dev_accuracy"] >= fp_accuracy - 0.1, (results, fp_accuracy)
-  # Kernels at 4 bits, everything else (embeddings, biases, norms) at 32.
+  # Kernels and the word table at 4 bits; everything else (other embeddings, biases, norms)
+  # and every learned step size at 32: the stored integer model.
   _, tuned = load_pretrained(str(workdir / "quantize" / "final"))
-  leaves = jax.tree_util.tree_leaves_with_path(tuned)
-  kernels = sum(x.size for p, x in leaves if getattr(p[-1], "key", "") == "kernel")
-  total = sum(x.size for _, x in leaves)
-  expected_ratio = 32 * total / (4 * kernels + 32 * (total - kernels))
-  assert abs(results["lsq4_compression_ratio"] - expected_ratio) < 1e-6
   steps = np.load(workdir / "quantize" / "final" / "lsq_steps.npz")
   assert len(steps.files) > 0 and all(np.all(steps[k] > 0) for k in steps.files)
+  flat = traverse_util.flatten_dict(tuned, sep="/")
+  quantized = sum(flat[k].size for k in steps.files if k in flat)
+  assert quantized > sum(x.size for k, x in flat.items() if k.endswith("/kernel"))
+  total = sum(v.size for v in flat.values())
+  n_steps = sum(steps[k].size for k in steps.files)
+  expected_ratio = 32 * total / (4 * quantized + 32 * (total - quantized + n_steps))
+  assert abs(results["lsq4_compression_ratio"] - expected_ratio) < 1e-6
   rows = [m for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))
           if m["stage"] == "quantize" and "loss" in m]
   assert rows[-1]["loss"] < rows[0]["loss"]

@@ -59,3 +59,39 @@ def test_minilm_round_trip_through_native(tmp_path):
   b = transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
   with torch.no_grad():
     assert torch.equal(a(ids, mask, types).last_hidden_state, b(ids, mask, types).last_hidden_state)
+
+
+def test_tinybert_general_distillation_from_minilm(tmp_path):
+  """configs/tinybert_general_distill.py with the MiniLM (a transformers BertModel: no MLM/NSP
+  heads) as teacher; only sizes and paths overridden. The student trains: losses fall."""
+  from mobilebert_jax import default_config
+  from mobilebert_jax.data import (CorpusSource, PrepareOptions, prepare_corpus,
+                                   sample_text_path)
+  from mobilebert_jax.stages import Trainer
+  from mobilebert_jax.training.metrics import read_metrics
+
+  prepared = tmp_path / "prepared"
+  prepare_corpus(CorpusSource(input_files=str(sample_text_path())), MODEL_DIR, str(prepared),
+                 PrepareOptions(max_seq_length=64, num_workers=0))
+  config_file = os.path.join(os.path.dirname(__file__), "..", "configs",
+                             "tinybert_general_distill.py")
+  c = default_config.sibling_config(config_file, "tinybert_general_distill")
+  c.teacher_checkpoint = MODEL_DIR
+  c.data.vocab_path = MODEL_DIR
+  c.data.prepared_dir = str(prepared)
+  c.teacher.update(dict(hidden_size=384, num_layers=6, intermediate_size=1536,
+                        max_position_embeddings=512))
+  c.student.update(dict(num_layers=3, max_position_embeddings=64))
+  c.data.update(dict(max_seq_length=64, batch_size=8, num_workers=0))
+  c.mesh.update(dict(data=1))
+  c.general.num_steps = 12
+  c.general.optimizer.update(dict(learning_rate=1e-3, warmup_steps=0))
+  c.log_every_steps = 2
+  workdir = tmp_path / "run"
+  outputs = Trainer(c, str(workdir)).run()
+  losses = [r["loss"] for r in read_metrics(str(workdir / "metrics.jsonl"))
+            if r.get("stage") == "general" and "loss" in r]
+  assert len(losses) == 6 and np.all(np.isfinite(losses))
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+  student, _ = load_pretrained(outputs["student"])
+  assert (student.config.num_layers, student.config.hidden_size) == (3, 312)

@@ -1,8 +1,11 @@
-"""Post-training int8 quantization and learned step-size quantization (LSQ) on tiny models."""
+"""Post-training int8 quantization, learned step-size quantization (LSQ) and KDLSQ-BERT on tiny
+models (and BERT-base shapes, never materialised)."""
 
 import functools
 import math
+import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +14,8 @@ from flax import traverse_util
 
 from mobilebert_jax import quantization as quant
 from mobilebert_jax.models import build_model, get_preset
-from mobilebert_jax.pretrained import init_params
-from mobilebert_jax.quantization import lsq, ptq
+from mobilebert_jax.pretrained import abstract_params, init_params
+from mobilebert_jax.quantization import kdlsq, lsq, ptq
 
 VOCAB = 1024
 
@@ -300,3 +303,139 @@ def test_lsq_on_model_trains_steps_and_weights():
   with pytest.raises(KeyError, match="LSQ step sizes for dense layer 'backbone/pooler'"):
     missing = {k: v for k, v in steps["backbone"].items() if k != "pooler"}
     lsq.lsq_apply(model, params, {**steps, "backbone": missing}, ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# KDLSQ-BERT
+
+
+def test_lsq_step_gradient_scale_counts_features_per_example():
+  """g = 1 / sqrt(N Qp) (Esser et al. 2020): N = N_F = T x D features of one example for a dense
+  input [B, T, D], whatever B is; N = N_W, every element, for the kernel."""
+  bits, (t, d, f) = 4, (5, 6, 3)
+  s_x, s_w = 0.3, 0.4
+  rng = np.random.default_rng(0)
+  layer = nn.DenseGeneral(f)
+  kernel = rng.normal(size=(d, f))
+  params = {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.zeros(f)}
+  steps = {"input": jnp.float32(s_x), "kernel": jnp.float32(s_w)}
+  w_hat = _lsq_reference(kernel, s_w, bits, True, 0.0)[0]
+
+  @jax.jit
+  def grad(steps, x, up):
+    def loss(steps):
+      with nn.intercept_methods(lsq.lsq_interceptor(steps, weight_bits=bits, act_bits=bits)):
+        return jnp.sum(layer.apply({"params": params}, x) * up)
+    return jax.grad(loss)(steps)
+
+  for b in (2, 5):
+    x, up = 2 * rng.normal(size=(b, t, d)), rng.normal(size=(b, t, f))
+    grads = grad(steps, jnp.asarray(x, jnp.float32), jnp.asarray(up, jnp.float32))
+    x_hat = _lsq_reference(x, s_x, bits, True, 0.0)[0]
+    # `_lsq_reference` scales by 1 / sqrt(x.size Qp) = 1 / sqrt(B T D Qp); N_F = T D is B x less.
+    by_size = _lsq_reference(x, s_x, bits, True, up @ w_hat.T)[2]
+    np.testing.assert_allclose(grads["input"], by_size * math.sqrt(b), rtol=1e-4)
+    np.testing.assert_allclose(grads["input"], by_size * math.sqrt(x.size / (t * d)), rtol=1e-4)
+    grad_w_hat = np.einsum("btd,btf->df", x_hat, up)
+    np.testing.assert_allclose(grads["kernel"],
+                               _lsq_reference(kernel, s_w, bits, True, grad_w_hat)[2], rtol=1e-4)
+
+def test_kdlsq_step_init_is_the_truncated_range_over_qp():
+  """s0 = max(|x_(k)|, |x_(n-1-k)|) / Qp, k = round(n a / 2), a = 5% (Jin et al. 2021): the
+  values -60..139 (n = 200, k = 5) keep [x_(5), x_(194)] = [-55, 134]."""
+  values = np.random.default_rng(0).permutation(np.arange(200) - 60).astype(np.float32)
+  x = values.reshape(10, 20)
+  assert float(lsq.init_step(x, 4, method="kdlsq")) == pytest.approx(134 / 7)
+  assert float(lsq.init_step(x, 8, method="kdlsq")) == pytest.approx(134 / 127)
+  assert float(lsq.init_step(x, 4, method="kdlsq", truncation=0.0)) == pytest.approx(139 / 7)
+  assert float(lsq.init_step(x, 4)) == pytest.approx(  # LSQ's, still the default of init_step
+      2 * np.mean(np.abs(values)) / math.sqrt(7), rel=1e-6)
+  # Per output channel (2 bits, Qp = 1): -2x spans -278..120, x + 100 spans 40..239.
+  columns = np.stack([values, -2 * values, values + 100], axis=1)
+  per_channel = lsq.init_step(columns, 2, axes=(0,), method="kdlsq")
+  assert per_channel.shape == (1, 3)
+  np.testing.assert_allclose(per_channel[0], [134, 268, 234])
+  with pytest.raises(ValueError, match="step init 'max' is not one of"):
+    lsq.init_step(x, 4, method="max")
+
+
+def test_int2_bert_base_with_word_embeddings_compresses_like_the_paper():
+  """The stored int2 BERT-base: kernels and the word table at 2 bits, every step size and every
+  other leaf at 32 bits. That is 14.94x, KDLSQ-BERT's (and TernaryBERT's) 14.9x; float
+  embeddings would cap it at 3.74x."""
+  config = get_preset("bert_base", num_labels=2)
+  model = build_model(config, "classification")
+  params = abstract_params(model, config)
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  steps = jax.eval_shape(lambda p, i: lsq.init_lsq_steps(
+      model, p, i, weight_bits=2, act_bits=8, embedding_bits=2, step_init="kdlsq"), params, ids)
+
+  flat = traverse_util.flatten_dict(params)
+  kernels = [k for k in flat if k[-1] == "kernel"]
+  assert len(kernels) == 12 * 6 + 2  # q, k, v, output, intermediate, output per layer; pooler
+  n_total = sum(int(np.prod(v.shape)) for v in flat.values())  # and classifier
+  n_kernel = sum(int(np.prod(flat[k].shape)) for k in kernels)
+  n_word = 30522 * 768
+  n_steps = 2 * len(kernels) + 1  # an input and a kernel step per dense layer, one for the table
+  flat_steps = traverse_util.flatten_dict(steps)
+  assert len(flat_steps) == n_steps and all(v.shape == () for v in flat_steps.values())
+  expected = 2 * (n_kernel + n_word) + 32 * (n_total - n_kernel - n_word + n_steps)
+  assert quant.lsq_size_bits(params, steps, 2, 2) == expected
+  ratio = quant.lsq_compression_ratio(params, steps, 2, 2)
+  assert ratio == pytest.approx(32 * n_total / expected)
+  assert ratio == pytest.approx(14.9, abs=0.05)
+  dense_only = traverse_util.unflatten_dict(
+      {k: v for k, v in flat_steps.items() if k[-1] != "embedding"})
+  assert quant.lsq_compression_ratio(params, dense_only, 2) == pytest.approx(
+      32 * n_total / (2 * n_kernel + 32 * (n_total - n_kernel + 2 * len(kernels))))
+  assert quant.lsq_compression_ratio(params, dense_only, 2) == pytest.approx(3.74, abs=0.01)
+
+
+def test_kdlsq_loss_distils_attention_and_adds_an_optional_ground_truth_term():
+  model, teacher = _model("bert_base")
+  ids = _ids(5, 4, 16)
+  mask = np.ones_like(ids)
+  mask[1, 10:] = 0
+  batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+           "labels": np.array([0, 1, 2, 3], np.int32)}
+
+  def ctx(ground_truth_weight):  # the paper's defaults: 2-bit weights and word table, 8-bit inputs
+    stage = types.SimpleNamespace(**dict(kdlsq.STAGE_KEYS, ground_truth_weight=ground_truth_weight))
+    return types.SimpleNamespace(model=model, teacher_model=model, stage=stage)
+
+  aux = kdlsq.kdlsq_aux_from(ctx(0.0), teacher, batch)
+  table = teacher["backbone"]["embeddings"]["word_embeddings"]["embedding"]
+  np.testing.assert_allclose(aux["lsq_steps"]["backbone"]["embeddings"]["word_embeddings"][
+      "embedding"], lsq.init_step(table, 2, method="kdlsq"), rtol=1e-6)
+  params = {"model": teacher, "aux": aux}  # the student starts from the full-precision teacher
+
+  bits = kdlsq.bits(ctx(0.0).stage)
+
+  @jax.jit
+  def run(params):
+    def attention(p):  # without the ground truth; the whole loss comes along
+      loss, terms = kdlsq.kdlsq_loss(ctx(0.0), p, teacher, batch, None, 0)
+      return terms["attention"], (loss, terms)
+
+    attention_grads, off = jax.grad(attention, has_aux=True)(params)
+    steps = kdlsq.positive_steps(params["aux"]["lsq_steps"])
+    logits = lsq.lsq_apply(model, params["model"], steps, ids, mask, batch["token_type_ids"],
+                           **bits).logits
+    return off, kdlsq.kdlsq_loss(ctx(1.0), params, teacher, batch, None, 0), attention_grads, logits
+
+  (off, terms), (on, terms_on), grads, logits = run(params)
+  assert float(terms["attention"]) > 0 and float(terms["hidden"]) > 0
+  assert "ground_truth" not in terms
+  query = grads["model"]["backbone"]["layer_0"]["attention"]["query"]
+  assert np.any(np.asarray(query["kernel"]) != 0)
+  assert np.any(np.asarray(grads["aux"]["lsq_steps"]["backbone"]["layer_0"]["attention"][
+      "query"]["kernel"]) != 0)
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                 keepdims=True)) - logits.max(-1, keepdims=True)
+  ce = -np.mean(log_p[np.arange(4), batch["labels"]])
+  assert float(terms_on["ground_truth"]) == pytest.approx(ce, rel=1e-4)
+  assert float(on) - float(off) == pytest.approx(ce, rel=1e-3)
+  # One logit (STS-B): the hard-label term is the squared error.
+  z, y = np.array([[0.5], [2.0], [-1.0]], np.float32), np.array([1.0, 2.0, 0.0], np.float32)
+  assert float(kdlsq.ground_truth_loss(z, y)) == pytest.approx(np.mean((z[:, 0] - y) ** 2))

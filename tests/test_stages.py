@@ -84,6 +84,16 @@ def test_plan_fills_defaults_and_names_unknown_keys():
     plan(c)
 
 
+def test_overriding_the_hidden_size_moves_the_widths_tied_to_it():
+  from mobilebert_jax.stages.planner import model_config
+  bert = model_config(default_config.model_block("bert_base", hidden_size=384), "config.teacher")
+  assert (bert.hidden_size, bert.intra_size, bert.embedding_size) == (384, 384, 384)
+  mobile = model_config(default_config.model_block("mobilebert", hidden_size=256), "x")
+  assert (mobile.intra_size, mobile.embedding_size) == (128, 128)  # a bottleneck's own widths
+  with pytest.raises(PlanError, match=r"config.student.preset: unknown model preset 'bert'"):
+    model_config(default_config.model_block("bert"), "config.student")
+
+
 def test_a_batch_that_does_not_split_over_the_devices_fails_in_plan():
   c = tiny_config()
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))

@@ -1,5 +1,6 @@
 """BERT pretraining data: text sources, WordPiece tokenizer, preparation into records, batches."""
-from mobilebert_jax.data.paths import sample_text_path, sample_vocab_path
+from mobilebert_jax.data.paths import (sample_tagging_paths, sample_text_path,
+                                       sample_vocab_path)
 from mobilebert_jax.data.pipeline import DataConfig, PretrainingDataset
 from mobilebert_jax.data.prefetch import DevicePrefetcher, data_sharding, prefetch_to_device
 from mobilebert_jax.data.prepare import CorpusSource, PrepareOptions, ensure_prepared, prepare_corpus
@@ -15,5 +16,6 @@ __all__ = [
     "PrepareOptions", "PreparedDataError", "PretrainingDataset", "create_instances",
     "create_instances_from_document", "data_sharding", "ensure_prepared", "load_tokenizer",
     "mask_tokens", "prefetch_to_device", "prepare_corpus", "read_text_documents",
-    "read_tfds_documents", "sample_text_path", "sample_vocab_path", "split_sentences",
+    "read_tfds_documents", "sample_tagging_paths", "sample_text_path", "sample_vocab_path",
+    "split_sentences",
 ]

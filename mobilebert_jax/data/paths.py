@@ -1,4 +1,4 @@
-"""Locations of the small corpus and vocabulary shipped with the package."""
+"""Locations of the small corpus, vocabulary and tagging sample shipped with the package."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,3 +23,11 @@ def sample_text_path() -> Path:
 def sample_vocab_path() -> Path:
   """Path of the shipped uncased WordPiece vocab trained on the demo corpus."""
   return _asset("vocab.txt")
+
+
+def sample_tagging_paths() -> dict[str, str]:
+  """The shipped tagging sample (a synthetic English NER set in CoNLL format, BIO tags):
+  {"train_file", "dev_file", "unlabeled_file"}."""
+  return {"train_file": str(_asset("tagging_train.conll")),
+          "dev_file": str(_asset("tagging_dev.conll")),
+          "unlabeled_file": str(_asset("tagging_unlabeled.txt"))}

@@ -15,9 +15,11 @@ the teacher's parameters, which the paper reports saves about 70% of the distill
 
 Importance (`importance_scores`), one score per unit:
 
-  first_order  |sum over the data of a * dL/da| (Taylor / first-order importance, Molchanov et
-               al. 2017, Michel et al. 2019) for a multiplicative gate a on the unit, L being the
-               teacher's MLM + NSP loss on a few pretraining batches. A gate on a unit equals
+  first_order  sum over batches b of |a * dL_b/da| (Taylor / first-order importance, Molchanov
+               et al. 2017, Michel et al. 2019: the absolute value is taken per batch, then
+               accumulated, so effects of opposite sign on different batches do not cancel)
+               for a multiplicative gate a on the unit, L_b being the teacher's MLM + NSP loss
+               on pretraining batch b. A gate on a unit equals
                scaling the parameters that carry it, so at a = 1 the derivative is exactly
                sum(theta * dL/dtheta) over those parameters; no gate is added to the models:
                  head h            rows h of the attention output kernel (its context vectors);
@@ -54,7 +56,7 @@ import functools
 import logging
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -263,23 +265,22 @@ def _mlm_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> 
 _loss_grad = jax.jit(jax.grad(_mlm_loss, argnums=1), static_argnums=0)
 
 
-def summed_gradients(teacher_model: nn.Module, teacher_params: Any,
-                     batches: Iterable[Mapping[str, Any]]) -> tuple[Any, int]:
-  """(sum over `batches` of the gradient of the MLM (+ NSP) loss, number of batches)."""
+def batch_gradients(teacher_model: nn.Module, teacher_params: Any,
+                    batches: Iterable[Mapping[str, Any]]) -> Iterator[Any]:
+  """The gradient of the MLM (+ NSP) loss on each of `batches` in turn (host arrays)."""
   keys = _MLM_KEYS + (("next_sentence_labels",) if head_of(teacher_params) == "pretraining"
                       else ())
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), teacher_params)
-  total, count = None, 0
+  count = 0
   for batch in batches:
     missing = [k for k in keys if k not in batch]
     if missing:
       raise ValueError(f"first-order importance needs pretraining batches; batch lacks {missing}")
-    grads = _loss_grad(teacher_model, params, {k: jnp.asarray(batch[k]) for k in keys})
-    total = grads if total is None else jax.tree.map(jnp.add, total, grads)
+    yield jax.device_get(_loss_grad(teacher_model, params,
+                                    {k: jnp.asarray(batch[k]) for k in keys}))
     count += 1
   if not count:
     raise ValueError("first-order importance needs at least one batch")
-  return total, count
 
 
 def importance_scores(teacher_model: nn.Module | None, teacher_config: ModelConfig,
@@ -308,11 +309,14 @@ def importance_scores(teacher_model: nn.Module | None, teacher_config: ModelConf
     raise ValueError("first-order importance needs batches of pretraining data; pass batches "
                      "or use kind='magnitude'")
   model = teacher_model if teacher_model is not None else build_model(teacher_config, head)
-  grads, _ = summed_gradients(model, teacher_params, batches)
-  flat_grads = traverse_util.flatten_dict(jax.device_get(grads))
-  products = {p: x * np.asarray(flat_grads[p], np.float64) for p, x in theta.items()}
-  sums = _accumulate(teacher_config, roles, products, gates_only=True)
-  return {k: np.abs(v) for k, v in sums.items()}
+  scores = None
+  for grads in batch_gradients(model, teacher_params, batches):
+    flat_grads = traverse_util.flatten_dict(grads)
+    products = {p: x * np.asarray(flat_grads[p], np.float64) for p, x in theta.items()}
+    batch = {k: np.abs(v) for k, v in _accumulate(teacher_config, roles, products,
+                                                  gates_only=True).items()}
+    scores = batch if scores is None else {k: scores[k] + batch[k] for k in scores}
+  return scores
 
 
 # ----------------------------------------------------------------------------- selection

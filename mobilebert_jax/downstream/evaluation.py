@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from mobilebert_jax.downstream import glue_data, loyalty, robustness, squad
-from mobilebert_jax.downstream.metrics import glue_metrics
+from mobilebert_jax.downstream import glue_data, loyalty, robustness, squad, tagging
+from mobilebert_jax.downstream.metrics import glue_metrics, tagging_metrics
 from mobilebert_jax.training.context import Evaluation
 
 ArrayPredictor = Callable[[Mapping[str, np.ndarray]], np.ndarray]
@@ -66,17 +66,40 @@ def evaluate_loyalty(teacher_logits: ArrayPredictor, student_logits: ArrayPredic
 
 
 def evaluate_attack(student_logits: ArrayPredictor, dataset, embeddings: np.ndarray, *,
-                    max_examples: int, k: int, max_fraction: float) -> Evaluation:
-  """A word-substitution attack on the student over the first dev split's first
-  `max_examples` examples (`attack_<summary key>`)."""
+                    max_examples: int, k: int, min_similarity: float, max_fraction: float,
+                    fields: str, importance: str, word_vectors: str, sentence_encoder: str,
+                    sentence_threshold: float, sentence_window: int,
+                    sentence_threshold_short: float, sentence_metric: str,
+                    pos_tagger: str) -> Evaluation:
+  """TextFooler (Jin et al., 2020; `robustness.attack`) on the student over the first dev
+  split's first `max_examples` examples, with the keys of `config.robustness`.
+
+  Synonyms come from `word_vectors` (a "word v1 v2 ..." text file) or, when empty, from the
+  student's own token `embeddings`; `sentence_encoder` is a local checkpoint directory (empty:
+  no sentence-similarity check) and `pos_tagger` a "module:function" (empty: no POS check).
+  Metrics: `attack_<summary key>` and, 1.0 or 0.0, `attack_word_vectors` (a file gave the
+  synonyms), `attack_sentence_check`, `attack_pos_check` (the checks ran); one record per
+  example goes to `attack_examples.jsonl`.
+  """
   split = dataset.available_splits("eval")[0]
   examples = dataset.examples(split)[:max_examples]
   predict_text = robustness.text_predictor(dataset.tokenizer, student_logits,
                                            dataset.max_seq_length, dataset.global_batch_size)
   vocab = dataset.tokenizer.convert_ids_to_tokens(list(range(embeddings.shape[0])))
-  _, summary = robustness.attack(examples, predict_text, embeddings, vocab, k=k,
-                                 max_fraction=max_fraction)
-  return Evaluation({f"attack_{key}": value for key, value in summary.items()})
+  vectors, words = robustness.synonym_space(word_vectors, embeddings, vocab)
+  check = robustness.build_sentence_check(
+      sentence_encoder, threshold=float(sentence_threshold), window=int(sentence_window),
+      short_text_threshold=float(sentence_threshold_short), metric=sentence_metric)
+  pos_tag = robustness.load_pos_tagger(pos_tagger)
+  records, summary = robustness.attack(
+      examples, predict_text, vectors, words, k=int(k), min_similarity=float(min_similarity),
+      max_fraction=float(max_fraction), fields=fields, importance=importance,
+      sentence_check=check, pos_tag=pos_tag)
+  metrics = {f"attack_{key}": float(value) for key, value in summary.items()}
+  metrics.update(attack_word_vectors=float(bool(word_vectors)),
+                 attack_sentence_check=float(check is not None),
+                 attack_pos_check=float(pos_tag is not None))
+  return Evaluation(metrics, {"attack_examples.jsonl": robustness.records_jsonl(records)})
 
 
 def evaluate_quantized(predict_logits: ArrayPredictor, dataset, prefix: str,
@@ -87,3 +110,17 @@ def evaluate_quantized(predict_logits: ArrayPredictor, dataset, prefix: str,
   metrics = {f"{prefix}_model_size_bits": float(model_size_bits),
              f"{prefix}_compression_ratio": float(compression_ratio), **result.metrics}
   return Evaluation(metrics)
+
+
+def evaluate_tagging(predict_logits: ArrayPredictor, dataset, prefix: str = "") -> Evaluation:
+  """A token classifier on the dev file of a `TaggingDataset`: per-word accuracy, and span
+  precision/recall/F1 for BIO tags (`<prefix>dev_<metric>`); the predictions in CoNLL layout go
+  to `<prefix>tagging_predictions.txt`."""
+  sentences, arrays = dataset.dev()
+  predicted = tagging.decode_word_tags(predict_logits(arrays), arrays["word_positions"],
+                                       sentences, dataset.tags)
+  gold = [list(s.tags) for s in sentences]
+  scores = tagging_metrics(gold, predicted, dataset.scheme)
+  return Evaluation({f"{prefix}dev_{k}": float(v) for k, v in scores.items()},
+                    {f"{prefix}tagging_predictions.txt":
+                     tagging.format_predictions(sentences, predicted)})

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from mobilebert_jax.data.tokenizer import load_tokenizer
-from mobilebert_jax.downstream import glue_data, squad
+from mobilebert_jax.downstream import glue_data, squad, tagging
 from mobilebert_jax.downstream.tasks import get_task
 
 
@@ -143,3 +143,36 @@ class SquadDataset(TokenizedDataset):
 
   def features(self, path: str) -> squad.SquadFeatures:
     return squad.make_features(squad.read_squad(path), self.tokenizer, **self.window)
+
+
+class TaggingDataset(TokenizedDataset):
+  """A CoNLL-format tagging training file encoded as word pieces, each word's tag on its first
+  piece (`tagging.encode_tagged`); the dev file's sentences and arrays on demand. The tag set
+  is the training file's (`tags`, "O" first)."""
+
+  def __init__(self, *, train_file: str, dev_file: str, vocab_path: str, max_seq_length: int,
+               batch_size: int, tag_column: int = -1, scheme: str = "bio", seed: int = 0,
+               process_index: int = 0, process_count: int = 1):
+    self.train_file, self.dev_file, self.scheme = train_file, dev_file, scheme
+    self.tag_column, self.max_seq_length = tag_column, max_seq_length
+    self.train_sentences = tagging.read_conll(train_file, tag_column)
+    self.tags = tagging.tag_vocabulary(self.train_sentences)
+    self.num_labels = len(self.tags)
+    super().__init__(vocab_path, lambda: self._encode(self.train_sentences, train_file,
+                                                      keep_positions=False),
+                     batch_size, seed=seed, process_index=process_index,
+                     process_count=process_count, name=f"tagging {train_file}")
+
+  def _encode(self, sentences, where: str, keep_positions: bool = True) -> dict[str, np.ndarray]:
+    arrays = tagging.encode_tagged(sentences, self.tokenizer, self.tags, self.max_seq_length,
+                                   where=where)
+    if not keep_positions:
+      arrays.pop("word_positions")
+    return arrays
+
+  def dev(self) -> tuple[list[tagging.TaggedSentence], dict[str, np.ndarray]]:
+    """The dev file's sentences and their arrays (with `word_positions` for decoding)."""
+    if not self.dev_file:
+      raise ValueError("config.tagging_data.dev_file is empty: nothing to evaluate the tagger on")
+    sentences = tagging.read_conll(self.dev_file, self.tag_column)
+    return sentences, self._encode(sentences, self.dev_file)

@@ -1,5 +1,5 @@
 """Fine-tuning losses: `loss(ctx, params, teacher_params, batch, rng, step) -> (loss, metrics)`
-(see `mobilebert_jax.stages.registry`); registered as `finetune` and `squad`."""
+(see `mobilebert_jax.stages.registry`); registered as `finetune`, `squad` and `tagging`."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def squad_loss(ctx, params, teacher_params, batch, rng, step):
   start = objectives.integer_cross_entropy(out.start_logits, batch["start_positions"]).mean()
   end = objectives.integer_cross_entropy(out.end_logits, batch["end_positions"]).mean()
   return (start + end) / 2, {"start": start, "end": end}
+
+
+def tagging_loss(ctx, params, teacher_params, batch, rng, step):
+  """Token classification: L = sum_{b,t} m_bt (-log softmax(z_bt)[y_bt]) / sum m_bt over the
+  positions carrying a word's tag (m_bt = y_bt >= 0: each word's first piece; BERT's
+  CoNLL-2003 NER recipe)."""
+  logits = _forward(ctx, params, batch, rng).logits.astype(jnp.float32)
+  labels = batch["labels"]
+  mask = (labels >= 0).astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  loss = jnp.sum(objectives.integer_cross_entropy(logits, labels) * mask) / count
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32) * mask
+  return loss, {"cross_entropy": loss, "accuracy": correct.sum() / count}

@@ -1,4 +1,4 @@
-"""GLUE metrics and teacher-student loyalty metrics (numpy, float64).
+"""GLUE metrics, teacher-student loyalty metrics and tagging metrics (numpy, float64).
 
 Classification metrics take label ids; `glue_metrics` also accepts logits [N, C] (argmax).
 Correlations of a constant input are undefined and returned as NaN.
@@ -175,3 +175,59 @@ def probability_loyalty(teacher_probs, student_probs, base: float | None = None)
   """
   t, s = _probs(teacher_probs, student_probs, "probability_loyalty")
   return float(np.mean(1.0 - np.sqrt(jensen_shannon(t, s, base))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence tagging.
+
+TAGGING_SCHEMES = ("bio", "accuracy")
+
+
+def bio_spans(tags) -> set[tuple[str, int, int]]:
+  """The labelled spans (type, start, end exclusive) of a BIO tag sequence, read as the CoNLL
+  shared tasks' `conlleval` reads them: `B-X` starts a span, `I-X` continues a span of type X
+  and starts one after `O` or after a span of another type (IOB1 leniency), `O` closes it."""
+  spans, kind, start = set(), None, 0
+  for i, tag in enumerate(list(tags) + ["O"]):
+    prefix, _, label = tag.partition("-")
+    continues = prefix == "I" and kind == label
+    if kind is not None and not continues:
+      spans.add((kind, start, i))
+      kind = None
+    if prefix == "B" or (prefix == "I" and not continues):
+      kind, start = label, i
+  return spans
+
+
+def span_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+  """Micro-averaged span precision, recall and F1 over sentences (conlleval's "FB1"): a
+  predicted span counts when its type, start and end equal a gold span's."""
+  if len(gold) != len(predicted):
+    raise ValueError(f"span_f1: {len(gold)} gold sentences but {len(predicted)} predicted")
+  correct = found = expected = 0
+  for n, (g, p) in enumerate(zip(gold, predicted)):
+    if len(g) != len(p):
+      raise ValueError(f"span_f1: sentence {n} has {len(g)} gold tags but {len(p)} predicted")
+    gs, ps = bio_spans(g), bio_spans(p)
+    correct, found, expected = correct + len(gs & ps), found + len(ps), expected + len(gs)
+  precision = correct / found if found else 0.0
+  recall = correct / expected if expected else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def tagging_metrics(gold: list[list[str]], predicted: list[list[str]], scheme: str = "bio"
+                    ) -> dict[str, float]:
+  """Per-word accuracy, plus span precision/recall/F1 when `scheme` is "bio" (NER, chunking);
+  "accuracy" (POS tagging) reports the accuracy alone."""
+  if scheme not in TAGGING_SCHEMES:
+    raise ValueError(f"tagging scheme {scheme!r} is not one of {list(TAGGING_SCHEMES)}")
+  flat_gold = [t for s in gold for t in s]
+  flat_pred = [t for s in predicted for t in s]
+  if len(flat_gold) != len(flat_pred):
+    raise ValueError(f"tagging_metrics: {len(flat_gold)} gold tags but {len(flat_pred)} "
+                     "predicted")
+  metrics = {"accuracy": accuracy(np.array(flat_pred, object), np.array(flat_gold, object))}
+  if scheme == "bio":
+    metrics.update(span_f1(gold, predicted))
+  return metrics

@@ -32,6 +32,7 @@ _ARCHITECTURE_SUFFIX = {
     "masked_lm": "ForMaskedLM",
     "classification": "ForSequenceClassification",
     "question_answering": "ForQuestionAnswering",
+    "token_classification": "ForTokenClassification",
 }
 _CLASS_PREFIX = {"mobilebert": "MobileBert", "bert": "Bert"}
 
@@ -258,7 +259,7 @@ def weight_map(config: ModelConfig, head: str) -> list[WeightEntry]:
     entries.append(WeightEntry("cls.predictions.bias", ("mlm", "bias")))
   if head == "pretraining":
     linear("cls.seq_relationship", ("nsp",))
-  if head == "classification":
+  if head in ("classification", "token_classification"):
     linear("classifier", ("classifier",))
   if head == "question_answering":
     linear("qa_outputs", ("qa_outputs",))

@@ -157,12 +157,32 @@ class ForQuestionAnswering(_WithBackbone):
                                    **_encoder_fields(out))
 
 
+class ForTokenClassification(_WithBackbone):
+  """Per-token hidden state -> dropout -> dense(num_labels) (transformers'
+  *ForTokenClassification: no pooler); `logits` is [batch, length, num_labels]."""
+  add_pooling_layer = False
+
+  def setup_head(self):
+    cfg = self.config
+    rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+    self.dropout = nn.Dropout(rate)
+    self.classifier = self._dense(cfg.num_labels, "embed", "labels")
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               deterministic: bool = True, **flags) -> SequenceClassifierOutput:
+    out = self.backbone(input_ids, attention_mask, token_type_ids, position_ids,
+                        deterministic=deterministic, **flags)
+    hidden = self.dropout(out.last_hidden_state, deterministic=deterministic)
+    return SequenceClassifierOutput(logits=self.classifier(hidden), **_encoder_fields(out))
+
+
 HEADS = {
     "base": Backbone,
     "pretraining": ForPreTraining,
     "masked_lm": ForMaskedLM,
     "classification": ForSequenceClassification,
     "question_answering": ForQuestionAnswering,
+    "token_classification": ForTokenClassification,
 }
 
 

@@ -48,16 +48,21 @@ def is_dense_call(context) -> bool:
   return isinstance(context.module, nn.DenseGeneral) and context.method_name == "__call__"
 
 
+def is_embed_call(context) -> bool:
+  """True when an interceptor `context` is an `nn.Embed.__call__` (a table lookup)."""
+  return isinstance(context.module, nn.Embed) and context.method_name == "__call__"
+
+
 def path_name(path: Sequence[str]) -> str:
   return "/".join(str(p) for p in path)
 
 
-def lookup(tree: Mapping, path: Sequence[str], what: str) -> Any:
-  """Returns ``tree[path[0]][path[1]]...``; a KeyError names the missing dense layer."""
+def lookup(tree: Mapping, path: Sequence[str], what: str, kind: str = "dense layer") -> Any:
+  """Returns ``tree[path[0]][path[1]]...``; a KeyError names the missing layer (of `kind`)."""
   node = tree
   for key in path:
     if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"no {what} for dense layer {path_name(path)!r}; compute it with the same "
+      raise KeyError(f"no {what} for {kind} {path_name(path)!r}; compute it with the same "
                      "model (and head) that is being applied")
     node = node[key]
   return node

@@ -50,9 +50,8 @@ def evaluate_classifier(ev: EvalContext) -> Evaluation:
   attack = config.robustness
   if attack.enabled:
     table = np.asarray(ev.params["backbone"]["embeddings"]["word_embeddings"]["embedding"])
-    results.append(evaluation.evaluate_attack(
-        student, ev.dataset, table, max_examples=int(attack.max_examples), k=int(attack.k),
-        max_fraction=float(attack.max_fraction)))
+    options = {key: value for key, value in attack.items() if key != "enabled"}
+    results.append(evaluation.evaluate_attack(student, ev.dataset, table, **options))
   if config.quantization.ptq_eval:
     results.append(evaluate_ptq(ev))
   metrics, files = {}, {}
@@ -86,17 +85,15 @@ def evaluate_ptq(ev: EvalContext) -> Evaluation:
 
 def evaluate_lsq(ev: EvalContext) -> Evaluation:
   """The LSQ-quantized classifier (learned steps) on every dev split
-  (`lsq<bits>_<split>_<metric>`), with its weights' size and compression ratio."""
-  w = int(ev.stage.weight_bits)
-  predict = ev.predict(kdlsq.lsq_forward(ev.model, ev.aux["lsq_steps"], ev.stage), ev.params)
-
-  def leaf_bits(path, leaf):
-    return w if path.endswith("/kernel") else 32
-
+  (`lsq<bits>_<split>_<metric>`), with the stored integer model's size and its compression ratio
+  against float32 (`quantization.lsq_size_bits`: quantized tensors at their bits, the steps and
+  everything else at 32)."""
+  steps, b = ev.aux["lsq_steps"], kdlsq.bits(ev.stage)
+  predict = ev.predict(kdlsq.lsq_forward(ev.model, steps, ev.stage), ev.params)
   return evaluation.evaluate_quantized(
-      lambda arrays: predict(arrays)["logits"], ev.dataset, f"lsq{w}",
-      quantization.model_size_bits(ev.params, leaf_bits),
-      quantization.compression_ratio(ev.params, leaf_bits))
+      lambda arrays: predict(arrays)["logits"], ev.dataset, f"lsq{b['weight_bits']}",
+      quantization.lsq_size_bits(ev.params, steps, b["weight_bits"], b["embedding_bits"]),
+      quantization.lsq_compression_ratio(ev.params, steps, b["weight_bits"], b["embedding_bits"]))
 
 
 def evaluate_squad(ev: EvalContext) -> Evaluation:
@@ -112,6 +109,12 @@ def evaluate_squad(ev: EvalContext) -> Evaluation:
       ev.predict(forward, ev.params), ev.dataset, version_2=bool(sq.version_2),
       n_best=int(sq.n_best), max_answer_length=int(sq.max_answer_length),
       null_threshold=float(sq.null_threshold))
+
+
+def evaluate_tagging(ev: EvalContext) -> Evaluation:
+  """The token classifier on `config.tagging_data.dev_file`: span precision/recall/F1 (BIO) and
+  per-word accuracy (`dev_<metric>`), predictions in `tagging_predictions.txt`."""
+  return evaluation.evaluate_tagging(ev.predict_logits(ev.model, ev.params), ev.dataset)
 
 
 def check_pkt(name, stage, teacher, student) -> None:
@@ -145,6 +148,8 @@ for spec in (
               keys=EPOCH_KEYS, evaluate=evaluate_classifier),
     StageSpec("squad", loss=losses.squad_loss, head="question_answering", data="squad",
               keys=EPOCH_KEYS, evaluate=evaluate_squad),
+    StageSpec("tagging", loss=losses.tagging_loss, head="token_classification", data="tagging",
+              keys=EPOCH_KEYS, evaluate=evaluate_tagging),
     StageSpec("task_intermediate", loss=strategies.tinybert_loss, head="classification",
               teacher_head="classification", data="glue", keys=TINYBERT_KEYS,
               check=strategies.check_pair, aux_init=strategies.tinybert_aux_init),
@@ -153,10 +158,14 @@ for spec in (
               check=strategies.check_pair, evaluate=evaluate_classifier),
     StageSpec("kdlsq", loss=kdlsq.kdlsq_loss, head="classification",
               teacher_head="classification", data="glue",
-              keys=dict(weight_bits=8, act_bits=8, temperature=1.0), check=strategies.check_pair,
-              aux_init=kdlsq.kdlsq_aux_init, aux_from=kdlsq.kdlsq_aux_from,
-              evaluate=evaluate_lsq, save_aux=kdlsq.save_steps, scan_layers=False),
-    StageSpec("nas", run=nas.run_nas_stage, teacher_head="base", exports="architectures",
+              keys=kdlsq.STAGE_KEYS, check=kdlsq.check, aux_init=kdlsq.kdlsq_aux_init,
+              aux_from=kdlsq.kdlsq_aux_from, evaluate=evaluate_lsq, save_aux=kdlsq.save_steps, scan_layers=False),
+    StageSpec("nas", run=nas.run_nas_stage, teacher_head="base", exports=nas.ARCHITECTURES_FILE,
               keys=nas.STAGE_KEYS, check=nas.check_stage, scan_layers=False),
 ):
   register(spec)
+
+# Cross-view training (Clark et al., 2018): a CNN-BiLSTM tagger on config.tagging, self-driving.
+from mobilebert_jax.cvt import stage as cvt_stage  # noqa: E402
+register(StageSpec("cvt", run=cvt_stage.run_cvt_stage, data="tagging", exports="{stage}/final",
+                   keys=cvt_stage.STAGE_KEYS, check=cvt_stage.check_stage))

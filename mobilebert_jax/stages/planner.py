@@ -20,6 +20,7 @@ import ml_collections
 from mobilebert_jax import default_config, pretrained
 from mobilebert_jax.distill import etd
 from mobilebert_jax.downstream import get_task
+from mobilebert_jax.downstream.metrics import TAGGING_SCHEMES
 from mobilebert_jax.models import ModelConfig, get_preset
 from mobilebert_jax.parallel import sharding
 from mobilebert_jax.stages import registry
@@ -28,14 +29,11 @@ from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import ROLES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Global keys that are not stage names.
-RESERVED_KEYS = ("stages", "teacher", "student", "data", "mesh", "checkpoint", "seed", "dtype",
-                 "teacher_checkpoint", "student_checkpoint", "log_every_steps", "logical_rules",
-                 "task", "init_checkpoint", "data_dir", "squad_data", "robustness",
-                 "augmentation", "check_teacher_config", "quantization", "allow_config_change")
+# Global keys that are not stage names: every key of the base config.
+RESERVED_KEYS = tuple(default_config.base_config().keys())
 # Global blocks whose missing keys take the defaults of `default_config.base_config`.
-GLOBAL_BLOCKS = ("data", "squad_data", "augmentation", "robustness", "quantization", "mesh",
-                 "checkpoint")
+GLOBAL_BLOCKS = ("data", "squad_data", "tagging_data", "augmentation", "robustness",
+                 "quantization", "mesh", "checkpoint")
 # The architecture fields a teacher checkpoint must share with config.teacher.
 SIZE_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
                "num_heads", "intermediate_size", "num_ffn", "attention_input")
@@ -64,19 +62,32 @@ class Plan:
   mesh: Any
 
 
+# Widths equal to the hidden size in a BERT-style preset (no bottleneck): overriding only
+# `hidden_size` moves them with it (a bottleneck preset's differ, and stay).
+TIED_TO_HIDDEN = ("intra_size", "embedding_size")
+
+
 def model_config(entry, where: str) -> ModelConfig:
   """A ModelConfig from a config block: optional `preset` (+ `tiny`) then the fields set
-  (None-valued fields, the placeholders of `model_block`, keep the preset's value)."""
+  (None-valued fields, the placeholders of `model_block`, keep the preset's value; widths the
+  preset ties to `hidden_size` follow an override of it, `TIED_TO_HIDDEN`)."""
   values = dict(entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else entry)
   preset, tiny = values.pop("preset", None), values.pop("tiny", False)
   values = {k: v for k, v in values.items() if v is not None}
-  base = get_preset(preset, tiny_variant=tiny) if preset else ModelConfig()
+  try:
+    base = get_preset(preset, tiny_variant=tiny) if preset else ModelConfig()
+  except ValueError as e:
+    raise PlanError(f"{where}.preset: {e}") from None
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(values) - known)
   if unknown:
     raise PlanError(f"{where}: unknown model config keys {unknown}; valid keys: {sorted(known)}")
   if "layer_ops" in values:
     values["layer_ops"] = tuple(values["layer_ops"])
+  if "hidden_size" in values:  # widths the preset ties to the hidden size follow it
+    for key in TIED_TO_HIDDEN:
+      if key not in values and getattr(base, key) == base.hidden_size:
+        values[key] = values["hidden_size"]
   try:
     return base.replace(**values)
   except ValueError as e:
@@ -203,6 +214,8 @@ def plan(config: ml_collections.ConfigDict, devices=None) -> Plan:
       task = get_task(resolved.task)
     except (KeyError, ValueError) as e:
       raise PlanError(f"config.task={resolved.task!r}: {e}") from None
+  if any(s.spec.data == "tagging" for s in stages):
+    check_tagging(resolved.tagging_data)
   if downstream and resolved.init_checkpoint:
     configs["student"] = _checkpoint_config(resolved.init_checkpoint, "config.init_checkpoint")
   if downstream and downstream[0].spec.name == "finetune":
@@ -277,3 +290,14 @@ def optimizer_config(stage, num_steps: int, warmup_steps: int | None = None
     updates = int(num_steps) // int(opt.get("grad_accum_steps", 1))
     opt.warmup_steps = int(round(float(stage.warmup_fraction) * updates))
   return opt
+
+
+def check_tagging(tagging) -> None:
+  """A tagging stage needs `config.tagging_data.train_file` and `dev_file` and a known scheme."""
+  for key in ("train_file", "dev_file"):
+    if not tagging[key]:
+      raise PlanError(f"config.tagging_data.{key} is empty: a tagging stage reads a CoNLL-format file "
+                      "(token ... tag per line, blank line between sentences)")
+  if tagging.scheme not in TAGGING_SCHEMES:
+    raise PlanError(f"config.tagging_data.scheme={tagging.scheme!r} is not one of "
+                    f"{list(TAGGING_SCHEMES)} (bio: span F1 for NER/chunking; accuracy: POS)")

@@ -4,7 +4,8 @@ A stage is a config block `config.<name>` whose `strategy` names an entry here. 
 everything the runner needs and nothing else does:
 
   head, teacher_head  the head the trained model carries; the teacher's head (None: no teacher).
-  data                what it reads: "pretraining" (MLM + NSP examples), "glue" or "squad".
+  data                what it reads: "pretraining" (MLM + NSP examples), "glue", "squad" or
+                      "tagging" (CoNLL files, `config.tagging_data`).
   loss                `loss(ctx, params, teacher_params, batch, rng, step) -> (loss, metrics)`, a
                       top-level function with its formula in the docstring; `ctx` is a
                       `LossContext` (stage block, model, teacher model), params
@@ -22,7 +23,9 @@ everything the runner needs and nothing else does:
   after_step          `after_step(ctx, done, state)`, an optional per-step hook.
   evaluate            `evaluate(EvalContext) -> Evaluation` once the stage is trained.
   save_aux            `save_aux(aux, final_dir)`: extras written beside the final model.
-  exports             "model" (the trained model, `workdir/<role>/`) or "architectures".
+  exports             "model" (the runner writes the trained model to `workdir/<role>/`), or
+                      what a self-driving stage writes itself, relative to the workdir
+                      ("architectures.json"; "{stage}/final" names the stage's directory).
   run                 a stage that drives its own loop: `run(StageEnv) -> finished` (NAS).
   scan_layers         whether its models may run their layers under `nn.scan`
                       (`ModelConfig.scan_layers`); False where it reads per-layer parameters.
@@ -43,8 +46,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-DATA_KINDS = ("pretraining", "glue", "squad")
-EXPORTS = ("model", "architectures")
+DATA_KINDS = ("pretraining", "glue", "squad", "tagging")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +76,9 @@ class StageSpec:
                        "loop) or run (a stage that drives its own loop)")
     if self.data not in DATA_KINDS:
       raise ValueError(f"stage {self.name!r}: data={self.data!r} is not one of {list(DATA_KINDS)}")
-    if self.exports not in EXPORTS:
-      raise ValueError(f"stage {self.name!r}: exports={self.exports!r} is not one of "
-                       f"{list(EXPORTS)}")
+    if self.exports != "model" and self.run is None:
+      raise ValueError(f"stage {self.name!r}: exports={self.exports!r}: only a stage with `run` "
+                       "writes its own outputs; one trained by the runner exports 'model'")
 
   @property
   def needs_teacher(self) -> bool:

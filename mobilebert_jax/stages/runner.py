@@ -33,7 +33,7 @@ from mobilebert_jax import pretrained
 from mobilebert_jax.data import DataConfig, PretrainingDataset, ensure_prepared, sample_vocab_path
 from mobilebert_jax.distill import etd
 from mobilebert_jax.downstream import augmentation, get_task
-from mobilebert_jax.downstream.finetune_data import GlueDataset, SquadDataset
+from mobilebert_jax.downstream.finetune_data import GlueDataset, SquadDataset, TaggingDataset
 from mobilebert_jax.models import build_model, to_canonical_layout, to_model_layout
 from mobilebert_jax.parallel import sharding
 from mobilebert_jax.stages.planner import (Plan, PlannedStage, optimizer_config, plan,
@@ -120,8 +120,8 @@ class Trainer:
     return vocab if epath.Path(vocab).is_dir() else os.path.dirname(vocab)
 
   def dataset_for(self, planned: PlannedStage, seed_offset: int = 0):
-    """The stage's training data: GLUE, SQuAD, or BERT pretraining examples (each stage its
-    own order and masks)."""
+    """The stage's training data: GLUE, SQuAD, CoNLL tagging, or BERT pretraining examples
+    (each stage its own order and masks)."""
     data, kind = self.config.data, planned.spec.data
     seed = int(data.seed) + planned.index + seed_offset
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -132,6 +132,12 @@ class Trainer:
           max_seq_length=int(data.max_seq_length), doc_stride=int(sq.doc_stride),
           max_query_length=int(sq.max_query_length), batch_size=int(data.batch_size),
           seed=seed, **where)
+    if kind == "tagging":
+      tg = self.config.tagging_data
+      return TaggingDataset(
+          train_file=tg.train_file, dev_file=tg.dev_file, vocab_path=self.tokenizer_dir(),
+          max_seq_length=int(data.max_seq_length), batch_size=int(data.batch_size),
+          tag_column=int(tg.tag_column), scheme=tg.scheme, seed=seed, **where)
     if kind == "glue":
       return GlueDataset(
           self.config.task, data_dir=self.config.data_dir, tfds_data_dir=data.tfds_data_dir,
@@ -212,10 +218,13 @@ class Trainer:
         if not self.run_stage(planned):
           log.warning("stopped during stage %r; rerun the same command to resume", planned.name)
           return outputs
-        if planned.spec.exports == "architectures":
-          outputs["architectures"] = os.path.join(self.workdir, "architectures.json")
-        else:
+        exports = planned.spec.exports
+        if exports == "model":
           outputs[planned.role] = self.export_role(planned)
+        else:  # what the stage wrote itself, under its name without an extension
+          key = os.path.splitext(os.path.basename(exports.format(stage=planned.name)))[0]
+          outputs[planned.name if key == "final" else key] = os.path.join(
+              self.workdir, exports.format(stage=planned.name))
     return outputs
 
   def log_header(self, planned: PlannedStage) -> None:
@@ -241,7 +250,8 @@ class Trainer:
         batch_sharding=sharding.batch_sharding(self.mesh), teacher=self.roles["teacher"],
         student=self.roles["student"], writer=self.writer,
         dataset=functools.partial(self.dataset_for, planned), train=self.train_loop,
-        tokenizer_dir=self.tokenizer_dir(), primary=self.primary)
+        tokenizer_dir=self.tokenizer_dir(), primary=self.primary,
+        write_evaluation=functools.partial(self.write_evaluation, planned))
 
   def train_loop(self, name, num_steps, step_fn, state, dataset, checkpointer, batch_sharding,
                  **kwargs):
@@ -266,6 +276,15 @@ class Trainer:
 
     dataset = self.dataset_for(planned)
     model_cfg = self.roles[role].config
+    labels = getattr(dataset, "num_labels", None)
+    if spec.data == "tagging" and model_cfg.num_labels != labels:  # the training file's tags
+      model_cfg = model_cfg.replace(num_labels=labels)
+      latest = self.roles[role]
+      params = latest.params
+      if params is not None and latest.head == spec.head:  # a classifier for other tags
+        params = pretrained.adapt_params(params, latest.head, spec.head, model_cfg,
+                                         seed=int(self.config.seed))
+      self.roles[role] = RoleState(model_cfg, latest.head, params, latest.aux)
     dataset.check_vocab_size(model_cfg.vocab_size)
     if dataset.vocab_size < model_cfg.vocab_size:
       log.warning("stage %r: the tokenizer %s has %d tokens but the %s has vocab_size %d; set "
@@ -303,16 +322,36 @@ class Trainer:
                         core.to_host(state.params["aux"]))
     self.roles[role] = trained
     if spec.evaluate is not None:  # before the final model: a stage is done once evaluated
-      self.write_evaluation(planned, int(stage.num_steps), spec.evaluate(EvalContext(
+      result = spec.evaluate(EvalContext(
           stage=stage, config=self.config, model=built.ctx.model, params=trained.params,
           aux=trained.aux, dataset=dataset, teacher=self.roles["teacher"],
-          predict=functools.partial(self.predictor, built))))
+          predict=functools.partial(self.predictor, built)))
+      result.metrics.update(self.training_cost(planned, built, dataset, int(stage.num_steps),
+                                               trained.params))
+      self.write_evaluation(planned, int(stage.num_steps), result)
     if spec.save_aux is not None and self.primary:
       spec.save_aux(trained.aux, final_dir)
     pretrained.save_pretrained(final_dir, trained.config, trained.params, trained.head,
                                tokenizer_dir=self.tokenizer_dir(),
                                extra={"stage": name, "strategy": spec.name})  # marks it done
     return True
+
+  def training_cost(self, planned: PlannedStage, built: "BuiltStage", dataset, num_steps: int,
+                    params) -> dict[str, float]:
+    """`<stage>_num_params`, `<stage>_train_steps` and `<stage>_train_flops` (XLA's count of
+    one compiled train step, all devices, x the steps; absent where the backend has none): the
+    cost side of an accuracy-per-compute comparison."""
+    name = planned.name
+    cost = {f"{name}_num_params": float(core.num_params(params)),
+            f"{name}_train_steps": float(num_steps)}
+    local = {k: v for k, v in dataset.arrays.items()}
+    batch = {k: jax.ShapeDtypeStruct((dataset.global_batch_size,) + np.shape(v)[1:],
+                                     np.asarray(v).dtype, sharding=built.batch_sharding)
+             for k, v in local.items()}
+    flops = core.step_flops(built.step_fn, built.abstract_state, built.teacher_params, batch)
+    if flops is not None:
+      cost[f"{name}_train_flops"] = flops * num_steps
+    return cost
 
   def predictor(self, built: "BuiltStage", forward, params, model=None):
     """`arrays -> outputs` of `forward(params, batch)` on the mesh (see `EvalContext`); params

@@ -81,7 +81,8 @@ class StageEnv:
   """The environment of a stage that drives its own loop (e.g. the NAS-BERT search): the mesh,
   the roles, the data, the training loop of `mobilebert_jax.training.core` with this run's
   writer and stop signal bound (`train(name, num_steps, step_fn, state, dataset, checkpointer,
-  batch_sharding, context=..., after_step=..., extra=...)`), and where to write."""
+  batch_sharding, context=..., after_step=..., extra=...)`), where to write, and
+  `write_evaluation(step, Evaluation)` (merged into eval_results.json as any stage's)."""
   name: str
   index: int
   stage: ml_collections.ConfigDict
@@ -97,6 +98,7 @@ class StageEnv:
   train: Callable[..., Any]
   tokenizer_dir: str
   primary: bool
+  write_evaluation: Callable[[int, "Evaluation"], None] = lambda step, result: None
 
   @property
   def stage_dir(self) -> str:

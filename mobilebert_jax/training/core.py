@@ -240,6 +240,28 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
   return state
 
 
+def step_flops(step_fn, *args) -> float | None:
+  """Floating-point operations of one call of the jitted `step_fn` on `args` (arrays or
+  `jax.ShapeDtypeStruct`s with shardings), from XLA's cost analysis of the compiled program
+  (already compiled by a call with the same shapes: no second compile). The analysis is of one
+  device's partition of the SPMD program, so it is scaled by the device count. None where the
+  backend reports no count."""
+  try:
+    analysis = step_fn.lower(*args).compile().cost_analysis()
+  except Exception as e:  # a backend without cost analysis must not fail a run
+    log.warning("no cost analysis for the train step: %s", e)
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return None if flops is None or flops < 0 else float(flops) * jax.device_count()
+
+
+def num_params(tree: Any) -> int:
+  """Number of scalars in a parameter tree."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
 # ----------------------------------------------------------------------------- prediction
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")

@@ -372,7 +372,8 @@ def read_metrics(path: str) -> list[dict]:
 def closing_summary(workdir: str, outputs: Mapping[str, str]) -> str:
   """The lines a run prints at its end: eval_results.json (with its scores), metrics.jsonl, the
   TensorBoard directory and command, and each output (`role` -> model directory,
-  "architectures" -> the searched architectures' JSON file). Missing files are left out."""
+  "architectures" -> the searched architectures' JSON file, a stage name -> what it wrote).
+  Missing files are left out."""
   workdir = os.fspath(workdir)
   rows = []
   results = os.path.join(workdir, EVAL_RESULTS_FILE)
@@ -389,6 +390,8 @@ def closing_summary(workdir: str, outputs: Mapping[str, str]) -> str:
     if role == "architectures":
       rows.append(("searched architectures", f"{path}  (each entry's checkpoint loads with "
                    "mobilebert_jax.load_pretrained)"))
+    elif role not in ("teacher", "student"):  # a stage's own output (e.g. a CVT tagger)
+      rows.append((f"{role} output", path))
     else:
       rows.append((f"{role} model", f"{path}  (mobilebert_jax.load_pretrained({path!r}))"))
   width = max((len(name) for name, _ in rows), default=0) + 1
