@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The paper does not state the teacher's learning rate; this is MobileBERT's distillation rate.
   c.teacher_pretrain = ml_collections.ConfigDict(dict(
       strategy="pretrain", model="teacher", num_steps=500_000,
-      optimizer=optimizer(learning_rate=1.5e-3, warmup_steps=10_000)))
+      optimizer=optimizer(learning_rate=1.5e-3, warmup_steps=10_000, bias_correction=False)))
   del c["pkt"], c["pd"]
   c.teacher.remat = True
   return c

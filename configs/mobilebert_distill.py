@@ -40,13 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
                                 batch_size=2048))
   c.checkpoint.update(dict(save_every_steps=10_000, keep=3))
   c.log_every_steps = 100
-  pkt_opt = optimizer(learning_rate=1.5e-3, warmup_steps=0)
-  pkt_opt.schedule = "constant"
+  # The release's LAMB (lamb_optimizer.py) keeps raw Adam moments: no bias correction.
+  pkt_opt = optimizer(learning_rate=1.5e-3, warmup_steps=0, schedule="constant",
+                      bias_correction=False)
   c.pkt = ml_collections.ConfigDict(dict(
       strategy="pkt", model="student", num_steps=240_000, copy_from_teacher=True,
       current_layer_multiplier=3.0, lower_layer_multiplier=0.3, student_dropout=False,
       optimizer=pkt_opt, **transfer_factors()))
-  pd_opt = optimizer(learning_rate=1.5e-3, warmup_steps=10_000)
+  pd_opt = optimizer(learning_rate=1.5e-3, warmup_steps=10_000, bias_correction=False)
   pd_opt.end_learning_rate = 1.5e-3 * 1e-4
   c.pd = ml_collections.ConfigDict(dict(
       strategy="pd", model="student", num_steps=500_000, alpha=0.5, temperature=1.0,

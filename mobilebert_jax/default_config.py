@@ -19,16 +19,20 @@ from ml_collections import config_dict
 
 from mobilebert_jax.data.pipeline import DataConfig
 from mobilebert_jax.models.config import ModelConfig
+from mobilebert_jax.training import optimizer as optim
 
 # The Python type of every ModelConfig field, for the placeholders of `model_block`.
 _FIELD_TYPES = {"intra_size": int, "classifier_dropout": float, "layer_ops": tuple}
 
 
-def optimizer(learning_rate: float, warmup_steps: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      optimizer="lamb", learning_rate=learning_rate, warmup_steps=warmup_steps,
-      end_learning_rate=0.0, decay_power=1.0, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
-      grad_clip_norm=1.0, grad_accum_steps=1, schedule="linear"))
+def optimizer(learning_rate: float, warmup_steps: int, **values) -> ml_collections.ConfigDict:
+  """A stage's `optimizer` block: every key of `training.optimizer.DEFAULTS` with its default,
+  then the values given."""
+  unknown = sorted(set(values) - set(optim.DEFAULTS))
+  if unknown:
+    raise ValueError(f"optimizer: unknown keys {unknown}; valid keys: {sorted(optim.DEFAULTS)}")
+  return ml_collections.ConfigDict(dict(optim.DEFAULTS, learning_rate=learning_rate,
+                                        warmup_steps=warmup_steps, **values))
 
 
 def transfer_factors(**extra) -> dict:

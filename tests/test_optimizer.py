@@ -229,8 +229,10 @@ def test_constant_schedule():
     opt.create_optimizer(make_cfg(schedule="cosine"))
 
 
-def numpy_lamb(params, grads_list, lr_fn, b1, b2, eps, wd, clip, decay, trust_all=False):
-  """Hand-written LAMB: clip -> bias-corrected Adam -> + wd * p -> trust ratio -> -lr."""
+def numpy_lamb(params, grads_list, lr_fn, b1, b2, eps, wd, clip, decay, trust_all=False,
+               bias_correction=True):
+  """Hand-written LAMB: clip -> Adam moments (bias-corrected, or raw as the MobileBERT
+  release's lamb_optimizer.py) -> + wd * p -> trust ratio -> -lr."""
   params = {k: np.asarray(v, np.float64) for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in params.items()}
   v = {k: np.zeros_like(p) for k, p in params.items()}
@@ -242,7 +244,8 @@ def numpy_lamb(params, grads_list, lr_fn, b1, b2, eps, wd, clip, decay, trust_al
     for k in params:
       m[k] = b1 * m[k] + (1 - b1) * grads[k]
       v[k] = b2 * v[k] + (1 - b2) * grads[k] ** 2
-      u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if bias_correction else (1.0, 1.0)
+      u = (m[k] / c1) / (np.sqrt(v[k] / c2) + eps)
       if decay[k]:
         u = u + wd * params[k]
       if decay[k] or trust_all:
@@ -252,8 +255,9 @@ def numpy_lamb(params, grads_list, lr_fn, b1, b2, eps, wd, clip, decay, trust_al
   return params
 
 
-@pytest.mark.parametrize("trust_all", [False, True])
-def test_lamb_matches_numpy(trust_all):
+@pytest.mark.parametrize("trust_all,bias_correction", [(False, True), (True, True),
+                                                       (False, False)])
+def test_lamb_matches_numpy(trust_all, bias_correction):
   r = np.random.RandomState(3)
   flat = {"kernel": r.randn(3, 2), "bias": r.randn(2), "scale": 1.0 + r.rand(2)}
   params = {"dense": {"kernel": jnp.asarray(flat["kernel"], jnp.float32),
@@ -264,14 +268,16 @@ def test_lamb_matches_numpy(trust_all):
                       "bias": jnp.asarray(g["bias"], jnp.float32)},
             "norm": {"scale": jnp.asarray(g["scale"], jnp.float32)}} for g in grads_flat]
   cfg = make_cfg(learning_rate=0.05, warmup_steps=1, total_steps=4, grad_clip_norm=0.5,
-                 weight_decay=0.1, eps=1e-6, trust_ratio_on_all_params=trust_all)
+                 weight_decay=0.1, eps=1e-6, trust_ratio_on_all_params=trust_all,
+                 bias_correction=bias_correction)
   tx, schedule = opt.create_optimizer(cfg)
   assert float(schedule(1)) == pytest.approx(0.05)
   got = run_steps(tx, params, grads)
   f32 = lambda d: {k: np.asarray(v, np.float32).astype(np.float64) for k, v in d.items()}
   lr_fn = lambda step: float(schedule(step))  # step 0 has lr 0 (warm-up), step 1 has 0.05
   expected = numpy_lamb(f32(flat), grads_flat, lr_fn, 0.9, 0.999, 1e-6, 0.1, 0.5,
-                        {"kernel": True, "bias": False, "scale": False}, trust_all)
+                        {"kernel": True, "bias": False, "scale": False}, trust_all,
+                        bias_correction)
   for k, (mod, name) in {"kernel": ("dense", "kernel"), "bias": ("dense", "bias"),
                          "scale": ("norm", "scale")}.items():
     np.testing.assert_allclose(np.asarray(got[-1][mod][name]), expected[k], rtol=1e-5, atol=1e-7)

@@ -12,6 +12,7 @@ from mobilebert_jax.downstream import tagging
 from mobilebert_jax.downstream.metrics import bio_spans, span_f1, tagging_metrics
 from mobilebert_jax.stages import Trainer
 from mobilebert_jax.stages.planner import PlanError, plan
+from tagging_data import write_tagging_set
 
 
 def test_read_conll_takes_the_tag_column_skips_docstart_and_names_bad_lines(tmp_path):
@@ -91,34 +92,21 @@ def test_plan_names_missing_tagging_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tagging_set(tmp_path_factory):
-  """TEMPORARY: a tiny synthetic NER set: a name after 'mister' is a person."""
-  rng = np.random.default_rng(0)
-  words = [w for w in sample_vocab_path().read_text().split("\n")[5:] if w.isalpha()
-           and len(w) > 3][:80]
-  names, fillers = words[:20], words[20:]
-  directory = tmp_path_factory.mktemp("tagging")
-
-  def sentence():
-    tokens = list(rng.choice(fillers, 6))
-    tags = ["O"] * 6
-    at = int(rng.integers(0, 5))
-    tokens[at:at + 2] = ["mister", str(rng.choice(names))]
-    tags[at:at + 2] = ["O", "B-PER"]
-    return "\n".join(f"{w} {t}" for w, t in zip(tokens, tags))
-
-  paths = {}
-  for split, n in (("train", 200), ("dev", 50)):
-    path = directory / f"{split}.conll"
-    path.write_text("\n\n".join(sentence() for _ in range(n)) + "\n")
-    paths[f"{split}_file"] = str(path)
-  return paths
+  """The synthetic NER set of tests/tagging_data.py (small)."""
+  return write_tagging_set(tmp_path_factory.mktemp("tagging"), seed=7, num_train=300,
+                           num_unlabeled=10, num_dev=100)
 
 
 def test_a_bert_student_learns_a_tagging_task(tmp_path, tagging_set):
   workdir = tmp_path / "run"
   outputs = Trainer(tagging_config(tagging_set), str(workdir)).run()
   results = json.loads((workdir / "eval_results.json").read_text())
-  assert results["dev_f1"] > 0.8, results
+  # Far above an all-"O" tagger (F1 0, accuracy = the share of "O"); the dev set's names are
+  # mostly unseen in training and in neutral contexts, so a tagger from scratch cannot get them
+  # all (cross-view training on unlabelled text can, tests/test_cvt.py).
+  gold = [t for s in tagging.read_conll(tagging_set["dev_file"]) for t in s.tags]
+  assert results["dev_f1"] > 0.3, results
+  assert results["dev_accuracy"] > gold.count("O") / len(gold) + 0.03, results
   assert results["tagging_stage_num_params"] > 0 and results["tagging_stage_train_flops"] > 0
   lines = (workdir / "tagging_predictions.txt").read_text().splitlines()
   assert len(lines[0].split()) == 3  # token gold predicted

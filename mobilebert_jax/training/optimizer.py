@@ -45,6 +45,7 @@ DEFAULTS = {
     "schedule": "linear",
     "optimizer": "lamb",
     "trust_ratio_on_all_params": False,
+    "bias_correction": True,
 }
 SCHEDULES = ("linear", "constant")
 
@@ -221,6 +222,38 @@ def scale_by_trust_ratio_per_layer() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+class MomentsState(NamedTuple):
+  """First and second moments of `scale_by_moments` without bias correction."""
+  mu: Any
+  nu: Any
+
+
+def scale_by_moments(b1: float, b2: float, eps: float, bias_correction: bool = True
+                     ) -> optax.GradientTransformation:
+  """u = m_t / (sqrt(v_t) + eps) with m_t = b1 m + (1 - b1) g, v_t = b2 v + (1 - b2) g^2.
+
+  `bias_correction=True` divides m_t and v_t by (1 - b^t) (Adam, Kingma & Ba 2015;
+  `optax.scale_by_adam`). False keeps the raw moments, as the google-research MobileBERT
+  release's `lamb_optimizer.py` and BERT's `AdamWeightDecayOptimizer` do: the first updates are
+  then smaller by about (1 - b1) / sqrt(1 - b2), which their warm-up absorbs.
+  """
+  if bias_correction:
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def init_fn(params):
+    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
+    return MomentsState(mu=zeros(), nu=zeros())
+
+  def update_fn(updates, state, params=None):
+    mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu,
+                                updates)
+    scaled = jax.tree_util.tree_map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return scaled, MomentsState(mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = None):
   """Builds the optimiser from a ConfigDict (or dict); returns `(tx, schedule_fn)`.
 
@@ -231,9 +264,10 @@ def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = 
   <= 0 disables), grad_accum_steps (1; k > 1 wraps in `optax.MultiSteps`, averaging the
   gradients of k micro-steps), optimizer ("lamb" or "adamw"), trust_ratio_on_all_params
   (False: as in the reference LAMB, parameters without weight decay skip the layer-wise trust
-  ratio).
+  ratio), bias_correction (True: Adam's; False: the raw moments, as the MobileBERT release's
+  LAMB and BERT's AdamWeightDecayOptimizer, `scale_by_moments`).
 
-  Chain: clip by global norm -> Adam moments (bias-corrected) -> decoupled weight
+  Chain: clip by global norm -> Adam moments -> decoupled weight
   decay on `decay_mask` -> [LAMB: trust ratio ||p|| / ||u|| per tensor, per layer of a
   stacked tensor] -> -lr(step) -> `scale_by_multipliers(multiplier_fn)` if given.
 
@@ -277,8 +311,8 @@ def create_optimizer(cfg, multiplier_fn: Optional[Callable[[jax.Array], Any]] = 
   clip = get("grad_clip_norm")
   if clip is not None and clip > 0:
     parts.append(optax.clip_by_global_norm(float(clip)))
-  parts.append(optax.scale_by_adam(b1=float(get("b1")), b2=float(get("b2")),
-                                   eps=float(get("eps"))))
+  parts.append(scale_by_moments(float(get("b1")), float(get("b2")), float(get("eps")),
+                                bias_correction=bool(get("bias_correction"))))
   if weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   if name == "lamb":
