@@ -28,6 +28,13 @@ setup(
     extras_require={
         "test": ["pytest", "torch", "scikit-learn", "scipy"],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        # On-device export (mobilebert_jax.export): jax2tf + the TFLite converter and the LiteRT
+        # runtime; jax2onnx and onnxruntime. jax2onnx caps orbax-checkpoint below 0.11.37.
+        "export": [
+            "tensorflow-cpu>=2.21; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "tensorflow>=2.21; platform_system != 'Linux' or platform_machine != 'x86_64'",
+            "ai-edge-litert>=2.3", "onnx>=1.20", "onnxruntime>=1.24", "jax2onnx>=0.17",
+        ],
         # MetricsWriter writes event files with tensorboardX; tensorboard reads them.
         "tensorboard": ["tensorboard", "tensorboardX"],
     },

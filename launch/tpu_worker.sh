@@ -156,7 +156,11 @@ cmd_start() {
   fi
   status=0
   wait "$pid" || status=$?
-  echo "$HOST: trainer exited with status $status"
+  case "$status" in
+    0) echo "$HOST: trainer finished (status 0)" ;;
+    75) echo "$HOST: trainer stopped by a signal and saved (status 75): rerun the same command to resume" ;;
+    *) echo "$HOST: trainer exited with status $status" ;;
+  esac
   return "$status"
 }
 

@@ -1,12 +1,23 @@
-"""Checkpoint conversion between Hugging Face directories and native orbax directories.
+"""Checkpoint conversion between Hugging Face directories and native orbax directories, and
+export of native checkpoints to on-device formats (LiteRT, ONNX).
 
   python -m mobilebert_jax.convert import-hf SRC_HF_DIR DST_NATIVE_DIR [--head HEAD] [--overwrite]
   python -m mobilebert_jax.convert export-hf SRC_NATIVE_DIR DST_HF_DIR [--head HEAD] [--overwrite]
+  python -m mobilebert_jax.convert export-litert SRC_NATIVE_DIR OUT.tflite [--head HEAD]
+      [--seq-length N] [--batch-size N] [--quantize none|dynamic|int8 --calibration FILE]
+  python -m mobilebert_jax.convert export-onnx SRC_NATIVE_DIR OUT.onnx [--head HEAD]
+      [--seq-length N] [--batch-size N]
 
 Tokenizer files (vocab.txt, tokenizer.json, ...) are carried along in both directions. A
 destination that exists and is not empty is refused unless --overwrite is given; with it, the
 files the conversion writes are replaced and any others are left as they are. Conversion runs
 on the host CPU (set JAX_PLATFORMS to choose otherwise).
+
+The on-device exports take int32 input_ids, attention_mask and token_type_ids [batch, seq]
+and return the head's outputs (mobilebert_jax.export); they need the export extra
+(pip install 'mobilebert_jax[export]'). --quantize=int8 calibrates on --calibration, a text
+file with one sentence (or tab-separated pair) per line, tokenised with the checkpoint's vocab.
+An existing output file is refused unless --overwrite is given; a failed export writes nothing.
 """
 
 from __future__ import annotations
@@ -67,21 +78,61 @@ def export_hf(src: str, dst: str, head: str | None = None, overwrite: bool = Fal
   return head
 
 
+def export_device(command: str, args: argparse.Namespace) -> str:
+  """Runs export-litert or export-onnx (`mobilebert_jax.export`); returns the line to print."""
+  from mobilebert_jax import export
+  if command == "export-litert":
+    report = export.export_litert(
+        args.src, args.dst, head=args.head, seq_length=args.seq_length,
+        batch_size=args.batch_size or 1, quantize=args.quantize or "none",
+        calibration=args.calibration, overwrite=args.overwrite)
+  else:
+    if args.quantize not in (None, "none") or args.calibration:
+      raise export.ExportError("--quantize and --calibration apply to export-litert only")
+    report = export.export_onnx(args.src, args.dst, head=args.head, seq_length=args.seq_length,
+                                batch_size=args.batch_size, overwrite=args.overwrite)
+  shape = "x".join(str(d) for d in next(iter(report.inputs.values())))
+  check = ("not run: runtime not installed" if report.max_abs_diff is None
+           else f"max |diff| vs JAX {report.max_abs_diff:.2g}")
+  return (f"{command}: wrote {report.path} (head={report.head}, inputs [{shape}] int32, outputs "
+          f"{', '.join(report.outputs)}, quantize={report.quantize}, "
+          f"{report.size_bytes / 1e6:.2f} MB; {'; '.join(report.notes + (check,))})")
+
+
 def main(argv: list[str] | None = None) -> int:
   prog = os.path.basename(sys.argv[0])  # the console script's name, else `python -m ...`
   if prog.endswith(".py") or prog in ("-c", ""):
     prog = "python -m mobilebert_jax.convert"
   parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("command", choices=["import-hf", "export-hf"])
+  parser.add_argument("command", choices=["import-hf", "export-hf", "export-litert", "export-onnx"])
   parser.add_argument("src")
   parser.add_argument("dst")
   parser.add_argument("--head", choices=sorted(HEADS), default=None,
                       help="head to write (default: the source checkpoint's head)")
   parser.add_argument("--overwrite", action="store_true",
-                      help="write into a destination directory that is not empty")
+                      help="write into a destination directory that is not empty (export-litert, "
+                      "export-onnx: replace an existing output file)")
+  parser.add_argument("--seq-length", type=int, default=None,
+                      help="export-*: fixed sequence length (default: min(128, the model's "
+                      "max_position_embeddings))")
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="export-*: fixed batch size (default: 1 for LiteRT, dynamic for ONNX)")
+  parser.add_argument("--quantize", choices=["none", "dynamic", "int8"], default=None,
+                      help="export-litert: dynamic = int8 weights; int8 = int8 weights and "
+                      "activations, calibrated on --calibration")
+  parser.add_argument("--calibration", default=None,
+                      help="export-litert --quantize=int8: text file, one sentence (or "
+                      "tab-separated pair) per line")
   args = parser.parse_args(argv)
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  if args.command in ("export-litert", "export-onnx"):
+    try:
+      print(export_device(args.command, args))
+    except (hf.ConversionError, FileNotFoundError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
   convert = import_hf if args.command == "import-hf" else export_hf
   try:
     head = convert(args.src, args.dst, args.head, args.overwrite)

@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_rules = ()  # empty: mobilebert_jax.parallel.sharding.LOGICAL_RULES
   c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
+  # JAX's persistent compilation cache: empty = <workdir>/compilation_cache, "none" = off; a
+  # restarted run loads its compiled steps from it instead of compiling them again.
+  c.compilation_cache_dir = ""
   c.log_every_steps = 50
   return c
 

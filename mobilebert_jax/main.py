@@ -5,6 +5,11 @@ resolved config and exits. Without --config the embedded default (configs/demo.p
 teacher-to-student run on the shipped corpus) runs.
 Multi-host: on Cloud TPU pods `jax.distributed.initialize()` finds its peers; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+Exit status: 0 the run is done (the closing summary is printed); 75 (EX_TEMPFAIL) a SIGTERM or
+SIGINT stopped it after saving a checkpoint (the line printed names the stage and step), so
+rerunning the same command resumes: restart on 75; 1 an error (one line for a workdir in use,
+a checkpoint that cannot be saved or restored; a traceback otherwise); 2 a bad config or flag.
 """
 
 import logging
@@ -95,15 +100,27 @@ def main(argv):
   logging.getLogger("mobilebert_jax").setLevel(logging.INFO)
   initialize_distributed()
   import jax
-  from mobilebert_jax.stages import ConfigChangedError, PlanError, train_and_evaluate
+  from mobilebert_jax.stages import ConfigChangedError, PlanError, Trainer
+  from mobilebert_jax.training.checkpointing import CheckpointDamagedError, CheckpointSaveError
+  from mobilebert_jax.training.core import EXIT_STOPPED
   from mobilebert_jax.training.metrics import closing_summary
+  from mobilebert_jax.training.operations import WorkdirLockedError, workdir_lock
   if jax.process_index() != 0:
     logging.getLogger("mobilebert_jax").setLevel(logging.WARNING)
   try:
-    outputs = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with workdir_lock(FLAGS.workdir):  # before the data is prepared into the workdir
+      trainer = Trainer(FLAGS.config, FLAGS.workdir)
+      outputs = trainer.run()
   except (PlanError, ConfigChangedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (WorkdirLockedError, CheckpointDamagedError, CheckpointSaveError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if trainer.stopped:  # not the summary: the models in the workdir may be an earlier stage's
+    if jax.process_index() == 0:
+      print(trainer.stop.report())
+    sys.exit(EXIT_STOPPED)
   if jax.process_index() == 0:
     print(closing_summary(FLAGS.workdir, outputs))
 

@@ -38,7 +38,7 @@ from mobilebert_jax.models import build_model, to_canonical_layout, to_model_lay
 from mobilebert_jax.parallel import sharding
 from mobilebert_jax.stages.planner import (Plan, PlannedStage, optimizer_config, plan,
                                            stage_length)
-from mobilebert_jax.training import core
+from mobilebert_jax.training import core, operations
 from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import (EvalContext, Evaluation, LossContext, RoleState,
                                              StageEnv)
@@ -49,7 +49,8 @@ PREPARED_DATA_DIR = "prepared_data"
 RESULTS_FILE = "eval_results.json"
 # Keys that change how a run is operated, not what it trains: a rerun may change them freely.
 OPERATIONAL_KEYS = ("allow_config_change", "log_every_steps", "checkpoint.", "data.num_workers",
-                    "data.worker_buffer_size", "data.prepare_workers", "mesh.", "logical_rules")
+                    "data.worker_buffer_size", "data.prepare_workers", "mesh.", "logical_rules",
+                    "compilation_cache_dir")
 
 
 class ConfigChangedError(ValueError):
@@ -75,10 +76,12 @@ class Trainer:
     self.plan: Plan = plan(config)
     self.config = self.plan.config
     self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
+    operations.use_compilation_cache(self.config.compilation_cache_dir, self.workdir)
     self.mesh, self.rules, self.dtype = self.plan.mesh, self.plan.rules, self.plan.dtype
     self.primary = jax.process_index() == 0
     self.writer = MetricsWriter(self.workdir, enabled=self.primary)
     self.stop = core.StopRequest()
+    self.stopped = False  # a stop signal ended `run` early (`stop.report()` says where)
     self.roles = {role: RoleState(cfg) for role, cfg in self.plan.model_configs.items()}
     self._prepared_dir: str | None = None
     self._load_checkpoints()
@@ -209,13 +212,26 @@ class Trainer:
       self.writer.write_config(self.config)
 
   def run(self) -> dict[str, str]:
-    """Runs every stage; returns {role: directory of its final model} (and "architectures")."""
-    self.check_workdir()
+    """Runs every stage; returns {role: directory of its final model} (and "architectures").
+
+    Holds the workdir's lock throughout (`WorkdirLockedError` when another run has it). A stop
+    signal ends the run at the next step, or before the next stage is built, with
+    `self.stopped` set and `self.stop.report()` naming the checkpoint to resume from.
+    """
     outputs = {}
-    with self.stop.installed(), contextlib.closing(self.writer):
+    self.stopped = False
+    with operations.workdir_lock(self.workdir), self.stop.installed(), \
+        contextlib.closing(self.writer):
+      self.check_workdir()
       for planned in self.plan.stages:
+        if self.stop.agreed():  # the next stage is neither built nor compiled
+          self.stop.saved = (planned.name, None, None)
+          self.stopped = True
+          log.warning("stopped before stage %r; rerun the same command to resume", planned.name)
+          return outputs
         self.log_header(planned)
         if not self.run_stage(planned):
+          self.stopped = True
           log.warning("stopped during stage %r; rerun the same command to resume", planned.name)
           return outputs
         exports = planned.spec.exports

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from typing import Any, Callable, Mapping
 
@@ -139,29 +140,92 @@ def open_checkpointer(directory: str, checkpoint_config) -> Checkpointer:
 # ----------------------------------------------------------------------------- the loop
 
 
+# A run ended by a stop signal exits with this status (sysexits.h EX_TEMPFAIL: try again), after
+# saving a checkpoint: a supervisor restarts it and the rerun resumes.
+EXIT_STOPPED = 75
+
+
+def _preemption_service() -> bool:
+  """Whether jax's preemption service runs (`jax.distributed` with several processes): it
+  catches SIGTERM on any process and agrees on a step to stop at in the background."""
+  if jax.process_count() == 1:
+    return False
+  try:
+    multihost_utils.reached_preemption_sync_point(0)
+  except RuntimeError:  # jax_enable_preemption_service is off
+    return False
+  return True
+
+
 class StopRequest:
-  """Set by SIGTERM/SIGINT: the loop saves at the current step and returns."""
+  """A stop asked for by SIGTERM or SIGINT, acted on by every process at the same step.
+
+  The loop calls `agreed()` at every step (and the runner before each stage); the first time
+  it is true the loop saves a checkpoint at that step and returns. One process: the signal
+  handler sets a flag, seen at the next step. Several processes: SIGTERM is left to jax's
+  preemption service, which agrees on the step in the background (no step waits on a
+  collective; the stop comes a step or two after the signal); SIGINT is forwarded to it as
+  SIGTERM. Without that service every process all-gathers its flag at every check.
+  `saved` records where the stop left the run: (stage, checkpoint step or None, directory).
+  """
 
   def __init__(self):
-    self.signal = None
+    self.signal = None      # the signal this process received
+    self.stopped = False    # every process agreed to stop
+    self.saved: tuple[str, int | None, str | None] | None = None
+    self._checks = 0
+    self._preemption = False
 
   def __call__(self, signum, frame):
     self.signal = signum
-    log.warning("received signal %d: saving a checkpoint at the current step, then exiting", signum)
+    log.warning("received signal %d: saving a checkpoint at the next step, then exiting "
+                "(status %d)", signum, EXIT_STOPPED)
+    if self._preemption and signum != signal.SIGTERM:
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service: every process stops
 
   def agreed(self) -> bool:
-    """Whether any process was signalled; every process calls this at every step, so all of
-    them stop (and save collectively) at the same step even if their signals arrive apart."""
-    local = self.signal is not None
+    """Whether every process is to stop now; every process calls this the same number of times
+    (at every step), so all of them stop, and save collectively, at the same step."""
+    if self.stopped:
+      return True
+    self._checks += 1
     if jax.process_count() == 1:
-      return local
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(local, np.int32))))
+      self.stopped = self.signal is not None
+    elif self._preemption:
+      self.stopped = bool(multihost_utils.reached_preemption_sync_point(self._checks))
+    else:
+      local = np.asarray(self.signal is not None, np.int32)
+      self.stopped = bool(np.any(multihost_utils.process_allgather(local)))
+    if self.stopped and self.signal is None:
+      log.warning("a stop signal reached the run (on this or another process): saving a "
+                  "checkpoint at this step, then exiting (status %d)", EXIT_STOPPED)
+    return self.stopped
+
+  def report(self) -> str:
+    """One line for the console: what the stop saved and how to go on."""
+    cause = (f"signal {self.signal}" if self.signal is not None
+             else "a signal to one of the processes")
+    stage, step, directory = self.saved or ("", None, None)
+    if step is not None:
+      where = (f"in stage {stage!r} at step {step}, saved in "
+               f"{os.path.join(directory, str(step))}")
+    elif directory:
+      where = f"in stage {stage!r} before its first step (nothing new to save)"
+    elif stage:
+      where = f"before stage {stage!r} (the stages before it are finished)"
+    else:
+      where = "before training"
+    return (f"stopped by {cause} {where}: rerun the same command to resume (exit status "
+            f"{EXIT_STOPPED})")
 
   @contextlib.contextmanager
   def installed(self):
+    """Handles SIGTERM and SIGINT while the block runs (SIGINT only where jax's preemption
+    service takes SIGTERM)."""
+    self._preemption = _preemption_service()
     previous = {}
     try:
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in ((signal.SIGINT,) if self._preemption else (signal.SIGTERM, signal.SIGINT)):
         previous[sig] = signal.signal(sig, self)
     except ValueError:  # not the main thread: signals stay with the caller
       pass
@@ -181,7 +245,9 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
   `log_every` steps and checkpointing (with the data position) on the way.
 
   Returns the final state, or None when a stop signal ended the run (after saving a checkpoint
-  to resume from). A non-finite metric raises `TrainingDivergedError` without saving.
+  to resume from, recorded in `stop.saved`). A non-finite metric raises `TrainingDivergedError`
+  without saving; a failed checkpoint save raises `CheckpointSaveError` at the step after it
+  failed.
   `after_step(done, state)` runs after every step, before any checkpoint of that step (a search
   prunes its candidates there); `extra()` adds JSON values to every checkpoint.
   """
@@ -209,6 +275,9 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
     checkpointer.save(step, state, values, force=force)
 
   try:
+    if start < num_steps and stop.agreed():  # signalled while the stage was built: no step
+      stop.saved = (name, checkpointer.latest_step(), checkpointer.directory)
+      return None
     for step in range(start, num_steps):
       batch = next(prefetcher)
       state, metrics = step_fn(state, context(), batch)
@@ -216,6 +285,7 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
       done = step + 1
       if after_step is not None:
         after_step(done, state)
+      checkpointer.check_save()  # a failed background save stops the run here
       stopping = stop.agreed()
       if done % log_every == 0 or done == num_steps or stopping:
         last = check_pending()
@@ -228,6 +298,7 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
         save(done, force=stopping)
       if stopping and done < num_steps:
         checkpointer.wait_until_finished()
+        stop.saved = (name, done, checkpointer.directory)
         return None
     check_pending()
     save(num_steps, force=True)

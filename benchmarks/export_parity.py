@@ -1,0 +1,111 @@
+"""On-device export at full size: conversion time, file size, parity with JAX and CPU latency.
+
+    python -m benchmarks.export_parity --presets=mobilebert,tinybert_4l --seq_len=128 \
+        --formats=litert,litert_dynamic,litert_int8,onnx --output=export_parity.json
+
+Needs the export extra (pip install 'mobilebert_jax[export]'). Each preset (full size, random
+weights, classification head) is written as a native checkpoint to a temporary directory and
+exported with `mobilebert_jax.export` (batch 1, `--seq_len`); int8 is calibrated on
+`--calibration_batches` random batches (`Serving.example_inputs`, so a pessimistic figure for
+int8 parity). Each file is then run `--repeats` times in its runtime (LiteRT interpreter with
+its default XNNPACK delegate, onnxruntime on CPU) after one warm-up call; the report gives the
+median latency, the file size and the largest |exported - JAX| logit difference on a batch the
+export did not see.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from benchmarks.reporting import write_report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("presets", ["mobilebert"], "Model presets (full size).")
+flags.DEFINE_list("formats", ["litert", "litert_dynamic", "litert_int8", "onnx"],
+                  "Exports to make: litert, litert_dynamic, litert_int8, onnx.")
+flags.DEFINE_integer("seq_len", 128, "Fixed sequence length of the exported signature.")
+flags.DEFINE_integer("calibration_batches", 8, "Random batches for int8 calibration.")
+flags.DEFINE_integer("repeats", 10, "Timed runtime calls per file.")
+flags.DEFINE_string("output", "export_parity.json", "JSON report path ('' to skip).")
+
+
+def _native(preset: str, directory: str) -> str:
+  import jax
+  import numpy as np
+  from mobilebert_jax import save_pretrained
+  from mobilebert_jax.models import build_model, get_preset
+  from mobilebert_jax.pretrained import init_params
+  config = get_preset(preset)
+  model = build_model(config, "classification")
+  params = jax.jit(lambda: init_params(model, config, jax.random.PRNGKey(0)))()
+  path = os.path.join(directory, preset)
+  save_pretrained(path, config, jax.tree.map(np.asarray, params), "classification")
+  return path
+
+
+def _time(run, inputs, repeats: int) -> float:
+  run(inputs)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(inputs)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _case(native: str, fmt: str, directory: str) -> dict:
+  import numpy as np
+  from mobilebert_jax.export import litert, onnx, serving as serving_lib
+  serving = serving_lib.load_serving(native, seq_length=FLAGS.seq_len, batch_size=1)
+  path = os.path.join(directory, f"{os.path.basename(native)}_{fmt}")
+  start = time.perf_counter()
+  if fmt == "onnx":
+    report = onnx.export_onnx(native, path + ".onnx", seq_length=FLAGS.seq_len, batch_size=1)
+    import onnxruntime as ort
+    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    run = lambda inputs: session.run(None, inputs)[0]
+  else:
+    quantize = {"litert": "none", "litert_dynamic": "dynamic", "litert_int8": "int8"}[fmt]
+    calibration = None
+    if quantize == "int8":
+      calibration = [serving.example_inputs(seed=i) for i in range(FLAGS.calibration_batches)]
+    report = litert.export_litert(native, path + ".tflite", seq_length=FLAGS.seq_len,
+                                  quantize=quantize, calibration=calibration)
+    from ai_edge_litert.interpreter import Interpreter
+    runner = Interpreter(model_path=report.path).get_signature_runner(litert.SIGNATURE)
+    run = lambda inputs: runner(**inputs)["logits"]
+  convert_s = time.perf_counter() - start
+  inputs = serving.example_inputs(seed=1000)
+  diff = float(np.abs(np.asarray(run(inputs)) - np.asarray(serving(**inputs)["logits"])).max())
+  return {"format": fmt, "convert_s": round(convert_s, 1), "size_mb": report.size_bytes / 1e6,
+          "max_abs_diff": diff, "latency_ms": 1e3 * _time(run, inputs, FLAGS.repeats)}
+
+
+def main(argv):
+  del argv
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  start = time.time()
+  rows = []
+  with tempfile.TemporaryDirectory() as directory:
+    for preset in FLAGS.presets:
+      native = _native(preset, directory)
+      for fmt in FLAGS.formats:
+        row = {"preset": preset, "batch": 1, "seq_len": FLAGS.seq_len,
+               **_case(native, fmt, directory)}
+        print(row, flush=True)
+        rows.append(row)
+  report = {"machine": platform.machine(), "cpus": os.cpu_count(), "rows": rows,
+            "wall_s": time.time() - start}
+  if FLAGS.output:
+    write_report(FLAGS.output, report)
+
+
+if __name__ == "__main__":
+  app.run(main)
