@@ -23,6 +23,8 @@ EXPECTED = {
     "nas_bert.py": ("teacher_pretrain,nas", "ib_bert_large", "bert_base"),
     "etd_distill.py": ("general", "bert_base", "bert_base"),
     "layer_mapping_search.py": ("general", "bert_base", "tinybert_4l"),
+    "tagging.py": ("tagging", "ib_bert_large", "mobilebert"),
+    "cvt.py": ("cvt,bert_tagging", "ib_bert_large", "bert_base"),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mobilebert_jax import quantization
+from mobilebert_jax.cvt import stage as cvt_stage
 from mobilebert_jax.distill import strategies
 from mobilebert_jax.downstream import evaluation, losses
 from mobilebert_jax.models import build_model
@@ -159,13 +160,12 @@ for spec in (
     StageSpec("kdlsq", loss=kdlsq.kdlsq_loss, head="classification",
               teacher_head="classification", data="glue",
               keys=kdlsq.STAGE_KEYS, check=kdlsq.check, aux_init=kdlsq.kdlsq_aux_init,
-              aux_from=kdlsq.kdlsq_aux_from, evaluate=evaluate_lsq, save_aux=kdlsq.save_steps, scan_layers=False),
+              aux_from=kdlsq.kdlsq_aux_from, evaluate=evaluate_lsq, save_aux=kdlsq.save_steps,
+              scan_layers=False),
+    # Cross-view training (Clark et al., 2018): a CNN-BiLSTM tagger, driving its own loop.
+    StageSpec("cvt", run=cvt_stage.run_cvt_stage, data="tagging", exports="{stage}/final",
+              keys=cvt_stage.STAGE_KEYS, check=cvt_stage.check_stage),
     StageSpec("nas", run=nas.run_nas_stage, teacher_head="base", exports=nas.ARCHITECTURES_FILE,
               keys=nas.STAGE_KEYS, check=nas.check_stage, scan_layers=False),
 ):
   register(spec)
-
-# Cross-view training (Clark et al., 2018): a CNN-BiLSTM tagger on config.tagging, self-driving.
-from mobilebert_jax.cvt import stage as cvt_stage  # noqa: E402
-register(StageSpec("cvt", run=cvt_stage.run_cvt_stage, data="tagging", exports="{stage}/final",
-                   keys=cvt_stage.STAGE_KEYS, check=cvt_stage.check_stage))

@@ -296,8 +296,8 @@ def check_tagging(tagging) -> None:
   """A tagging stage needs `config.tagging_data.train_file` and `dev_file` and a known scheme."""
   for key in ("train_file", "dev_file"):
     if not tagging[key]:
-      raise PlanError(f"config.tagging_data.{key} is empty: a tagging stage reads a CoNLL-format file "
-                      "(token ... tag per line, blank line between sentences)")
+      raise PlanError(f"config.tagging_data.{key} is empty: a tagging stage reads a CoNLL-format "
+                      "file (token ... tag per line, blank line between sentences)")
   if tagging.scheme not in TAGGING_SCHEMES:
     raise PlanError(f"config.tagging_data.scheme={tagging.scheme!r} is not one of "
                     f"{list(TAGGING_SCHEMES)} (bio: span F1 for NER/chunking; accuracy: POS)")

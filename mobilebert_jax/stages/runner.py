@@ -248,9 +248,10 @@ class Trainer:
     length = (f"{stage.num_steps} steps" if stage.num_steps
               else f"{stage.num_epochs:g} epochs")
     teacher = f", teacher head {spec.teacher_head}" if spec.needs_teacher else ""
-    log.info("=== stage %d/%d %r: strategy %s trains the %s (%s head) on %s data, %s%s ===",
-             planned.index + 1, len(self.plan.stages), planned.name, spec.name, planned.role,
-             spec.head, spec.data, length, teacher)
+    trains = (f"trains the {planned.role} ({spec.head} head)" if spec.exports == "model"
+              else f"runs its own loop (writes {spec.exports.format(stage=planned.name)})")
+    log.info("=== stage %d/%d %r: strategy %s %s on %s data, %s%s ===", planned.index + 1,
+             len(self.plan.stages), planned.name, spec.name, trains, spec.data, length, teacher)
 
   def export_role(self, planned: PlannedStage) -> str:
     path = os.path.join(self.workdir, planned.role)

@@ -315,8 +315,9 @@ def step_flops(step_fn, *args) -> float | None:
   """Floating-point operations of one call of the jitted `step_fn` on `args` (arrays or
   `jax.ShapeDtypeStruct`s with shardings), from XLA's cost analysis of the compiled program
   (already compiled by a call with the same shapes: no second compile). The analysis is of one
-  device's partition of the SPMD program, so it is scaled by the device count. None where the
-  backend reports no count."""
+  device's partition of the SPMD program, so it is scaled by the number of devices the
+  arguments are laid out on (the mesh's, not every device of the host). None where the backend
+  reports no count."""
   try:
     analysis = step_fn.lower(*args).compile().cost_analysis()
   except Exception as e:  # a backend without cost analysis must not fail a run
@@ -325,7 +326,11 @@ def step_flops(step_fn, *args) -> float | None:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get("flops")
-  return None if flops is None or flops < 0 else float(flops) * jax.device_count()
+  if flops is None or flops < 0:
+    return None
+  devices = max((len(x.sharding.device_set) for x in jax.tree.leaves(args)
+                 if getattr(x, "sharding", None) is not None), default=1)
+  return float(flops) * devices
 
 
 def num_params(tree: Any) -> int:
