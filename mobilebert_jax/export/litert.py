@@ -141,12 +141,7 @@ def export_litert(src: str, dst: str, *, head: str | None = None, seq_length: in
   model = convert(serving, quantize, batches)
   example = batches[0] if batches else reference.example_inputs()  # int8: in-range inputs
   got = run_litert(model, example)
-  diff = None
-  if got is not None:
-    diff = serving_lib.max_abs_diff(jax.device_get(reference(**example)), got)
-    if not np.isfinite(diff):
-      raise ExportError(f"{src}: the exported LiteRT model gives non-finite outputs")
-  serving_lib.write_atomically(dst, model)
+  diff = serving_lib.check_and_write(src, dst, model, reference(**example), got, "LiteRT")
   shape = (serving.batch_size, serving.seq_length)
   return ExportReport(path=os.fspath(dst), head=serving.head,
                       inputs={k: shape for k in serving_lib.SERVING_INPUTS},

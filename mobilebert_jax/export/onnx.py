@@ -98,12 +98,7 @@ def export_onnx(src: str, dst: str, *, head: str | None = None, seq_length: int 
   model = convert(serving, opset).SerializeToString()
   example = serving.example_inputs()
   got = run_onnx(model, example)
-  diff = None
-  if got is not None:
-    diff = serving_lib.max_abs_diff(jax.device_get(serving(**example)), got)
-    if not np.isfinite(diff):
-      raise ExportError(f"{src}: the exported ONNX model gives non-finite outputs")
-  serving_lib.write_atomically(dst, model)
+  diff = serving_lib.check_and_write(src, dst, model, serving(**example), got, "ONNX")
   shape = (serving.batch_size or DYNAMIC_BATCH, serving.seq_length)
   return ExportReport(path=os.fspath(dst), head=serving.head,
                       inputs={k: shape for k in serving_lib.SERVING_INPUTS},

@@ -351,3 +351,17 @@ def max_abs_diff(expected: Mapping[str, Any], got: Mapping[str, Any]) -> float:
   return max(float(np.max(np.abs(np.asarray(expected[k], np.float32) -
                                  np.asarray(got[k], np.float32)))) for k in expected)
 
+
+
+
+def check_and_write(src: str, dst: str, model: bytes, expected: Mapping[str, Any],
+                    got: Mapping[str, Any] | None, runtime: str) -> float | None:
+  """Writes `model` to `dst` (atomically) once its runtime outputs `got` are finite; returns
+  their largest difference from the JAX outputs `expected` (None when the runtime is absent)."""
+  diff = None
+  if got is not None:
+    diff = max_abs_diff(jax.device_get(expected), got)
+    if not np.isfinite(diff):
+      raise ExportError(f"{src}: the exported {runtime} model gives non-finite outputs")
+  write_atomically(dst, model)
+  return diff

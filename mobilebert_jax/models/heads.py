@@ -157,16 +157,10 @@ class ForQuestionAnswering(_WithBackbone):
                                    **_encoder_fields(out))
 
 
-class ForTokenClassification(_WithBackbone):
+class ForTokenClassification(ForSequenceClassification):
   """Per-token hidden state -> dropout -> dense(num_labels) (transformers'
   *ForTokenClassification: no pooler); `logits` is [batch, length, num_labels]."""
   add_pooling_layer = False
-
-  def setup_head(self):
-    cfg = self.config
-    rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-    self.dropout = nn.Dropout(rate)
-    self.classifier = self._dense(cfg.num_labels, "embed", "labels")
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                deterministic: bool = True, **flags) -> SequenceClassifierOutput:
