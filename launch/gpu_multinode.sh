@@ -16,6 +16,10 @@
 #   3. Neither: a single process, no flags.
 # If the arguments already contain --coordinator_address, nothing is added.
 #
+# The environment (once, where every node sees it), at versions known to work together:
+#   pip install -c launch/constraints/cuda12.txt -e . "jax[cuda12]" gcsfs
+# (without `-c launch/constraints/cuda12.txt`: the newest releases).
+#
 # Environment: PYTHON (interpreter, default python), DRY_RUN=1 (print the command, run nothing).
 set -euo pipefail
 

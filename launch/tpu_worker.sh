@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Runs on each worker of a Cloud TPU VM (launch/tpu_vm.sh calls it over `gcloud ... ssh
 # --worker=all`): sets up Python, starts the trainer detached from the ssh session, follows its
-# log, stops it with SIGTERM, reports its state. Nothing here talks to gcloud.
+# log, stops it with SIGTERM, reports its state and exit status. Nothing here talks to gcloud.
 #
 #   bash launch/tpu_worker.sh setup
 #   bash launch/tpu_worker.sh start [--detach] [--prefix] -- ARGS...   (python -m mobilebert_jax.main ARGS)
+#   bash launch/tpu_worker.sh wait [--prefix]     follow the running trainer's log; exit with its status
+#   bash launch/tpu_worker.sh exit-status         print running, none, or the last trainer's exit status
 #   bash launch/tpu_worker.sh logs [--lines N] [--no-follow] [--prefix]
 #   bash launch/tpu_worker.sh stop [--timeout SECONDS]
 #   bash launch/tpu_worker.sh status
+#
+# `start` runs the trainer under a small detached runner (this script's `_run`) that forwards
+# SIGTERM to it and writes its exit status to $MBJ_LOG_DIR/train.exit when it ends.
 #
 # Environment (all optional):
 #   MBJ_VENV              virtualenv that `setup` creates and `start` uses ($HOME/.venvs/mobilebert_jax)
@@ -15,6 +20,8 @@
 #   MBJ_BASE_PYTHON       Python >= 3.11 that `setup` builds the virtualenv from (default: the first
 #                         of python3.13/3.12/3.11/python3 that is >= 3.11; else apt-get python3.11)
 #   MBJ_EXTRAS            the project's pip extras for `setup`, e.g. tfds (none)
+#   MBJ_CONSTRAINTS       pip constraints file for `setup`, relative to the checkout
+#                         (launch/constraints/tpu.txt); `none` installs the newest releases
 #   MBJ_LOG_DIR           where logs and the pid file go ($HOME/mobilebert_jax_logs)
 #   MBJ_WORKER_ID         this worker's index        } default: the TPU VM metadata server
 #   MBJ_WORKER_ENDPOINTS  comma-separated worker IPs } (agent-worker-number, worker-network-endpoints)
@@ -27,6 +34,7 @@ LOG_DIR="${MBJ_LOG_DIR:-$HOME/mobilebert_jax_logs}"
 HOST="$(hostname)"
 LOG="$LOG_DIR/train-$HOST.log"
 PID_FILE="$LOG_DIR/train.pid"
+EXIT_FILE="$LOG_DIR/train.exit"
 METADATA_URL="http://metadata.google.internal/computeMetadata/v1/instance/attributes"
 
 usage() {
@@ -38,7 +46,7 @@ die() {
   exit 1
 }
 
-# Prints the pid of the trainer this script started, if it is still running.
+# Prints the pid of the trainer's runner this script started, if it is still running.
 running_pid() {
   local pid
   [[ -f $PID_FILE ]] || return 1
@@ -103,15 +111,21 @@ cmd_setup() {
   fi
   "$VENV/bin/python" -m pip install -q -U pip
   # One resolve: the project (with MBJ_EXTRAS, e.g. "tfds"), libtpu through jax's `tpu` extra,
-  # gcsfs for gs:// workdirs.
-  local project=$ROOT
+  # gcsfs for gs:// workdirs, all at the versions the constraints file pins.
+  local project=$ROOT constraints=${MBJ_CONSTRAINTS:-launch/constraints/tpu.txt}
+  local -a pins=()
   [[ -z ${MBJ_EXTRAS:-} ]] || project="${ROOT}[${MBJ_EXTRAS}]"
-  "$VENV/bin/python" -m pip install -q -e "$project" "jax[tpu]" gcsfs
+  if [[ $constraints != none ]]; then
+    [[ $constraints == /* ]] || constraints="$ROOT/$constraints"
+    [[ -f $constraints ]] || die "no constraints file $constraints (MBJ_CONSTRAINTS=none skips it)"
+    pins=(-c "$constraints")
+  fi
+  "$VENV/bin/python" -m pip install -q ${pins[@]+"${pins[@]}"} -e "$project" "jax[tpu]" gcsfs
   echo "$HOST: installed $("$VENV/bin/python" -c 'import jax; print("jax", jax.__version__)') in $VENV"
 }
 
 cmd_start() {
-  local detach=0 prefix=0 py pid offset status
+  local detach=0 prefix=0 py pid offset
   while (($#)); do
     case $1 in
       --detach) detach=1; shift ;;
@@ -142,26 +156,90 @@ cmd_start() {
     printf ' %q' "${cmd[@]}"
     printf '\n'
   } >>"$LOG"
+  rm -f "$EXIT_FILE"
   # setsid + nohup + output to the file only: a dropped ssh connection cannot kill the trainer.
-  PYTHONUNBUFFERED=1 setsid nohup "${cmd[@]}" >>"$LOG" 2>&1 </dev/null &
+  PYTHONUNBUFFERED=1 setsid nohup bash "$ROOT/launch/tpu_worker.sh" _run -- "${cmd[@]}" \
+    >>"$LOG" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$PID_FILE"
   echo "$HOST: started pid $pid; log $LOG"
   ((detach)) && return 0
-  # Follow the log until the trainer exits (Ctrl-C stops following, not the trainer).
+  follow_until_exit "$pid" "$offset" "$prefix"
+}
+
+# The runner `start` detaches: runs ARGS as its child, passes SIGTERM on to it (from `stop`, or the
+# one a maintenance event sends every process), and records its exit status.
+cmd_run() {
+  [[ ${1:-} != -- ]] || shift
+  local child="" status interrupted
+  trap 'interrupted=1; [[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true' TERM
+  "$@" &
+  child=$!
+  while :; do
+    # A trapped signal ends `wait` early (status > 128) while the trainer still runs: wait again.
+    interrupted=0
+    status=0
+    wait "$child" || status=$?
+    ((interrupted)) || break
+  done
+  echo "$status" >"$EXIT_FILE"
+  return "$status"
+}
+
+# Follows the log from byte OFFSET while the runner PID lives, then reports the exit status.
+follow_until_exit() {
+  local pid=$1 offset=$2 prefix=$3
+  # Ctrl-C or a dropped connection stops the following, never the trainer.
   if ((prefix)); then
-    tail -c "+$offset" --pid="$pid" -f "$LOG" | sed -u "s/^/[$HOST] /"
+    tail -s 0.2 -c "+$offset" --pid="$pid" -f "$LOG" | sed -u "s/^/[$HOST] /"
   else
-    tail -c "+$offset" --pid="$pid" -f "$LOG"
+    tail -s 0.2 -c "+$offset" --pid="$pid" -f "$LOG"
   fi
-  status=0
-  wait "$pid" || status=$?
+  report_exit
+}
+
+# Says how the last trainer ended and returns its exit status (1 when none was recorded).
+report_exit() {
+  local status
+  status="$(cat "$EXIT_FILE" 2>/dev/null || true)"
   case "$status" in
     0) echo "$HOST: trainer finished (status 0)" ;;
     75) echo "$HOST: trainer stopped by a signal and saved (status 75): rerun the same command to resume" ;;
+    *[!0-9]*|"")
+      echo "$HOST: no exit status recorded (the runner was killed or the VM restarted)"
+      return 1
+      ;;
     *) echo "$HOST: trainer exited with status $status" ;;
   esac
   return "$status"
+}
+
+cmd_wait() {
+  local prefix=0 pid offset
+  while (($#)); do
+    case $1 in
+      --prefix) prefix=1; shift ;;
+      *) die "wait: unexpected argument $1" ;;
+    esac
+  done
+  if ! pid="$(running_pid)"; then
+    report_exit
+    return
+  fi
+  # From the header line `start` wrote for this run.
+  offset="$(grep -ab '^=== ' "$LOG" | tail -n 1 | cut -d: -f1)"
+  follow_until_exit "$pid" "$((${offset:-0} + 1))" "$prefix"
+}
+
+# One word for a supervisor: running, none (nothing recorded), or the last exit status.
+cmd_exit_status() {
+  if running_pid >/dev/null; then
+    echo running
+  elif [[ -s $EXIT_FILE ]]; then
+    cat "$EXIT_FILE"
+  else
+    echo none
+  fi
 }
 
 cmd_logs() {
@@ -208,7 +286,8 @@ cmd_stop() {
   done
   if kill -0 "$pid" 2>/dev/null; then
     echo "$HOST: pid $pid still running after ${timeout}s; SIGKILL (the last complete checkpoint is kept)"
-    kill -KILL "$pid" 2>/dev/null || true
+    # The runner leads its own process group (setsid): the trainer and its children go with it.
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   else
     echo "$HOST: pid $pid exited after ${waited}s"
   fi
@@ -233,6 +312,9 @@ main() {
   case $sub in
     setup) cmd_setup "$@" ;;
     start) cmd_start "$@" ;;
+    _run) cmd_run "$@" ;;
+    wait) cmd_wait "$@" ;;
+    exit-status) cmd_exit_status "$@" ;;
     logs) cmd_logs "$@" ;;
     stop) cmd_stop "$@" ;;
     status) cmd_status "$@" ;;

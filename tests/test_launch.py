@@ -1,9 +1,12 @@
-"""launch/: shell syntax, shellcheck, DRY_RUN output of the TPU and GPU launchers, and the TPU
-worker script's start/stop/logs against a stub interpreter. Offline: gcloud is never run (a fake
-`gcloud` first on PATH fails the test if anything calls it) and no metadata server is asked."""
+"""launch/: shell syntax, shellcheck, DRY_RUN output of the TPU and GPU launchers, the supervisor's
+restart loop against a scripted fake `gcloud`, the constraints files, and the TPU worker script's
+start/wait/stop/logs against a stub interpreter. Offline: the real gcloud is never run (a fake
+`gcloud` first on PATH fails the test if anything calls it, or plays a scripted cloud) and no
+metadata server is asked."""
 
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -17,7 +20,8 @@ LAUNCH = pathlib.Path(__file__).resolve().parent.parent / "launch"
 TPU_VM = LAUNCH / "tpu_vm.sh"
 TPU_WORKER = LAUNCH / "tpu_worker.sh"
 GPU = LAUNCH / "gpu_multinode.sh"
-SCRIPTS = [TPU_VM, TPU_WORKER, GPU, LAUNCH / "slurm_example.sbatch"]
+SCRIPTS = sorted(LAUNCH.glob("*.sh")) + [LAUNCH / "slurm_example.sbatch"]
+CONSTRAINTS = LAUNCH / "constraints"
 BASH = shutil.which("bash") or "/bin/bash"
 
 
@@ -219,6 +223,245 @@ def test_ssh_flags_pass_through(fake_bin):
   assert "--tunnel-through-iap" in argv
 
 
+def test_install_constraints_option(fake_bin):
+  *_, ssh = _lines(_tpu(["install", "p", "--constraints", "none"], fake_bin))
+  assert _option(ssh, "--command").endswith("MBJ_CONSTRAINTS=none bash launch/tpu_worker.sh setup")
+  *_, ssh = _lines(_tpu(["install", "p", "--extras=tfds", "--constraints=my/pins.txt"], fake_bin))
+  assert _option(ssh, "--command").endswith(
+      "MBJ_EXTRAS=tfds MBJ_CONSTRAINTS=my/pins.txt bash launch/tpu_worker.sh setup")
+  assert _tpu(["install", "p", "--constraints", "x;reboot"], fake_bin).returncode != 0
+
+
+# ------------------------------------------------------------------ queued resources, supervise
+
+def test_create_queued_prints_the_queued_resource_request(fake_bin):
+  (argv,) = _lines(_tpu(["create", "pod", "--queued", "--zone", "us-central2-b", "--accelerator-type",
+                         "v4-32", "--spot", "--valid-until-duration", "6h"], fake_bin))
+  assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod"]
+  assert _option(argv, "--node-id") == "pod"
+  assert _option(argv, "--accelerator-type") == "v4-32"
+  assert _option(argv, "--runtime-version") == "tpu-ubuntu2204-base"
+  assert _option(argv, "--valid-until-duration") == "6h"
+  assert "--spot" in argv and "--reserved" not in argv
+  (argv,) = _lines(_tpu(["create", "pod", "--queued", "--accelerator-type=v5litepod-16",
+                         "--version=v2-alpha-tpuv5-lite", "--reserved"], fake_bin))
+  assert "--reserved" in argv and _option(argv, "--runtime-version") == "v2-alpha-tpuv5-lite"
+  for bad in (["--queued", "--preemptible"], ["--queued", "--spot", "--reserved"], ["--reserved"],
+              ["--valid-until-duration=1h"]):
+    assert _tpu(["create", "pod", "--accelerator-type=v4-8", *bad], fake_bin).returncode != 0, bad
+
+
+def test_delete_and_status_queued(fake_bin):
+  (argv,) = _lines(_tpu(["delete", "pod", "--queued", "--zone=z", "--yes"], fake_bin))
+  assert argv[3:6] == ["queued-resources", "delete", "pod"]
+  assert "--force" in argv and "--quiet" in argv
+  (argv,) = _lines(_tpu(["delete", "pod", "--queued"], fake_bin))
+  assert "--quiet" not in argv
+  queued, node, _ = _lines(_tpu(["status", "pod", "--queued"], fake_bin))
+  assert queued[3:6] == ["queued-resources", "describe", "pod"] and node[3:5] == ["tpu-vm", "describe"]
+
+
+def test_supervise_dry_run_prints_one_pass(fake_bin):
+  result = _tpu(["supervise", "pod", "--zone", "us-central2-b", "--accelerator-type", "v4-32", "--spot",
+                 "--repo", "https://example.com/r.git", "--delete-when-done", "--", *MAIN_ARGS],
+                fake_bin)
+  lines = _lines(result)
+  (create,) = [a for a in lines if a[3:5] == ["queued-resources", "create"]]
+  assert create[5] == "pod" and "--spot" in create
+  assert _option(create, "--node-id") == "pod"
+  assert _option(create, "--zone") == "us-central2-b"
+  assert _option(create, "--accelerator-type") == "v4-32"
+  commands = [_option(a, "--command") for a in lines if a[4] == "ssh"]
+  assert "git clone https://example.com/r.git" in commands[0]  # install
+  start = shlex.split(commands[1])
+  assert start[start.index("start"):start.index("--") + 1] == ["start", "--prefix", "--detach", "--"]
+  assert start[start.index("--") + 1:] == MAIN_ARGS
+  assert commands[2:] == ["cd ~/mobilebert_jax && bash launch/tpu_worker.sh wait",
+                          "cd ~/mobilebert_jax && bash launch/tpu_worker.sh exit-status"]
+  assert lines[-1][3:6] == ["queued-resources", "delete", "pod"]  # --delete-when-done
+  assert "the trainer finished (status 0)" in result.stderr
+  assert all(line[:2] == "20" and line[10] == "T" for line in result.stderr.splitlines())  # timestamps
+
+
+@pytest.mark.parametrize("args", [
+    ["--preemptible", "--"], ["--spot", "--reserved", "--"], ["--max-restarts=many", "--"],
+    ["--poll-interval=1m", "--"], ["--wait-timeout=-1", "--"], ["--extras=a;b", "--"], ["--workdir=w"]],
+    ids=["preemptible", "spot-and-reserved", "max-restarts", "poll-interval", "wait-timeout",
+         "extras", "no-dashdash"])
+def test_supervise_checks_its_options(fake_bin, args):
+  result = _tpu(["supervise", "pod", "--accelerator-type=v4-8", *args], fake_bin)
+  assert result.returncode == 2 and "Usage: launch/tpu_vm.sh" in result.stderr
+  assert result.stdout == ""  # nothing was run
+
+
+# A scripted cloud for the supervisor. State lives in files under $FAKE_CLOUD: `qr` (the queued
+# resource's state; absent: not found), `after_create` (the states it passes through on successive
+# describes once created), `node` (overrides the TPU VM's state, READY while the queued resource is
+# ACTIVE), `trainer` (what worker 0's exit-status says) and `runs`: one line per `wait` on worker 0,
+# EXIT[:QUEUED_STATE[:NODE_STATE]], EXIT a status the trainer ends with or `ssh` for a dropped
+# connection. Every call is appended to `calls`.
+FAKE_GCLOUD = r"""#!/bin/bash
+d=$FAKE_CLOUD
+printf '%q ' gcloud "$@" >>"$d/calls"; echo >>"$d/calls"
+case "$*" in
+  *"queued-resources describe"*)
+    if [ -f "$d/queue" ] && read -r first rest <"$d/queue" && [ -n "$first" ]; then
+      echo "$first" >"$d/qr"; echo "$rest" >"$d/queue"
+    fi
+    [ -f "$d/qr" ] || { echo "ERROR: (gcloud) NOT_FOUND: Resource not found" >&2; exit 1; }
+    cat "$d/qr" ;;
+  *"queued-resources create"*)
+    [ ! -f "$d/qr" ] || { echo "ERROR: ALREADY_EXISTS" >&2; exit 1; }
+    echo ACCEPTED >"$d/qr"; cp "$d/after_create" "$d/queue"; rm -f "$d/node"; echo none >"$d/trainer" ;;
+  *"queued-resources delete"*) rm -f "$d/qr" "$d/queue" "$d/node" ;;
+  *"tpu-vm describe"*)
+    [ -f "$d/qr" ] || { echo "ERROR: (gcloud) NOT_FOUND" >&2; exit 1; }
+    if [ -f "$d/node" ]; then cat "$d/node"
+    elif [ "$(cat "$d/qr")" = ACTIVE ]; then echo READY
+    else echo PREEMPTED; fi ;;
+  *"tpu-vm ssh"*"tpu_worker.sh exit-status"*) cat "$d/trainer" ;;
+  *"tpu-vm ssh"*"tpu_worker.sh start"*) echo running >"$d/trainer" ;;
+  *"tpu-vm ssh"*"tpu_worker.sh stop"*) ;;
+  *"tpu-vm ssh"*"tpu_worker.sh wait"*)
+    IFS=: read -r status qr node <"$d/runs"; sed -i 1d "$d/runs"
+    [ -z "$qr" ] || echo "$qr" >"$d/qr"
+    [ -z "$node" ] || echo "$node" >"$d/node"
+    [ "$status" != ssh ] || exit 1
+    echo "$status" >"$d/trainer"; echo "trainer exited with status $status"; exit "$status" ;;
+  *"tpu-vm ssh"*"tpu_worker.sh setup"*) ;;
+  *) echo "fake gcloud: unexpected $*" >&2; exit 98 ;;
+esac
+"""
+
+
+def _supervise(tmp_path, runs, *, qr=None, after_create="ACTIVE", trainer="none", args=()):
+  """Runs `tpu_vm.sh supervise pod` against the scripted cloud; returns (result, gcloud calls)."""
+  cloud = tmp_path / "cloud"
+  cloud.mkdir()
+  bin_dir = tmp_path / "cloud_bin"
+  bin_dir.mkdir()
+  _write_exe(bin_dir / "gcloud", FAKE_GCLOUD)
+  (cloud / "runs").write_text("".join(f"{r}\n" for r in runs))
+  (cloud / "after_create").write_text(after_create + "\n")
+  (cloud / "trainer").write_text(trainer + "\n")
+  if qr:
+    (cloud / "qr").write_text(qr + "\n")
+  result = _run(TPU_VM, ["supervise", "pod", "--zone=z", "--accelerator-type=v4-32", "--spot",
+                         "--repo=https://example.com/r.git", "--poll-interval=0.01", *args, "--",
+                         "--workdir=gs://b/r"],
+                env={"FAKE_CLOUD": str(cloud)},
+                path=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", timeout=30)
+  calls = [shlex.split(line) for line in (cloud / "calls").read_text().splitlines()]
+  assert "unexpected" not in result.stderr, result.stderr
+  return result, calls
+
+
+def _count(calls, *words):
+  return sum(1 for argv in calls if all(w in " ".join(argv) for w in words))
+
+
+@pytest.mark.parametrize("first_run", ["75:SUSPENDED", "ssh:SUSPENDED", "1:ACTIVE:PREEMPTED"],
+                         ids=["exit-75-suspended", "ssh-drop-suspended", "node-preempted"])
+def test_supervise_recreates_a_preempted_slice_and_reruns(tmp_path, first_run):
+  result, calls = _supervise(tmp_path, [first_run, "0"], after_create="WAITING_FOR_RESOURCES ACTIVE")
+  assert result.returncode == 0, result.stderr
+  assert _count(calls, "queued-resources create") == 2
+  assert _count(calls, "queued-resources delete") == 1
+  assert _count(calls, "tpu_worker.sh setup") == 2  # reinstalled on the new slice
+  starts = [argv for argv in calls if "tpu_worker.sh start" in " ".join(argv)]
+  assert len(starts) == 2 and starts[0] == starts[1]  # the same command: it resumes
+  create_at = [i for i, argv in enumerate(calls) if "queued-resources create" in " ".join(argv)]
+  (delete_at,) = [i for i, argv in enumerate(calls) if "queued-resources delete" in " ".join(argv)]
+  assert create_at[0] < delete_at < create_at[1]
+  assert "the slice was preempted: recreating it; restart 1 of 20" in result.stderr
+  assert "queued resource WAITING_FOR_RESOURCES" in result.stderr
+  assert "the trainer finished (status 0)" in result.stderr
+
+
+def test_supervise_reruns_a_stopped_trainer_on_a_healthy_slice(tmp_path):
+  """Status 75 while the slice stays ACTIVE/READY (a maintenance restart): stop, rerun, no new slice."""
+  result, calls = _supervise(tmp_path, ["75", "ssh", "0"])
+  assert result.returncode == 0, result.stderr
+  assert _count(calls, "queued-resources create") == 1
+  assert _count(calls, "queued-resources delete") == 0
+  assert _count(calls, "tpu_worker.sh setup") == 1
+  assert _count(calls, "tpu_worker.sh stop") == 1
+  assert _count(calls, "tpu_worker.sh start") == 2
+  assert _count(calls, "tpu_worker.sh wait") == 3  # the dropped connection is followed again
+  assert "following again" in result.stderr
+
+
+def test_supervise_stops_on_a_trainer_failure(tmp_path):
+  result, calls = _supervise(tmp_path, ["3"])
+  assert result.returncode == 3
+  assert _count(calls, "queued-resources create") == 1
+  assert _count(calls, "queued-resources delete") == 0
+  assert _count(calls, "tpu_worker.sh start") == 1
+  assert "the trainer failed (status 3): not retrying" in result.stderr
+
+
+def test_supervise_gives_up_after_max_restarts(tmp_path):
+  result, calls = _supervise(tmp_path, ["75:SUSPENDED"] * 3, args=["--max-restarts=2"])
+  assert result.returncode == 75
+  assert _count(calls, "queued-resources create") == 3
+  assert _count(calls, "tpu_worker.sh start") == 3
+  assert "giving up after 2 restarts" in result.stderr
+
+
+def test_supervise_wait_timeout_deletes_the_request(tmp_path):
+  result, calls = _supervise(tmp_path, [], after_create="WAITING_FOR_RESOURCES",
+                             args=["--wait-timeout=0"])
+  assert result.returncode == 75
+  assert [argv[3:5] for argv in calls] == [["queued-resources", "describe"],
+                                           ["queued-resources", "create"],
+                                           ["queued-resources", "describe"],
+                                           ["queued-resources", "delete"]]
+  assert "--wait-timeout" in result.stderr
+
+
+def test_supervise_follows_a_trainer_already_running(tmp_path):
+  """Started again while its slice and trainer live: no create, install or start; it follows."""
+  result, calls = _supervise(tmp_path, ["0"], qr="ACTIVE", trainer="running")
+  assert result.returncode == 0, result.stderr
+  assert _count(calls, "queued-resources create") == 0
+  assert _count(calls, "tpu_worker.sh setup") == 0 and _count(calls, "tpu_worker.sh start") == 0
+  assert "already runs" in result.stderr
+
+
+def test_supervise_replaces_a_leftover_suspended_resource(tmp_path):
+  result, calls = _supervise(tmp_path, ["0"], qr="SUSPENDED", args=["--delete-when-done"])
+  assert result.returncode == 0, result.stderr
+  assert [argv[3:5] for argv in calls if argv[3] == "queued-resources" and argv[4] != "describe"] == [
+      ["queued-resources", "delete"], ["queued-resources", "create"], ["queued-resources", "delete"]]
+
+
+# -------------------------------------------------------------------------- constraints files
+
+def _pins(path):
+  pins = {}
+  for line in path.read_text().splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line:
+      name, version = line.split("==")
+      pins[name.lower().replace("_", "-")] = version
+  return pins
+
+
+def test_constraints_pin_every_direct_dependency():
+  setup = (LAUNCH.parent / "setup.py").read_text()
+  block = setup[setup.index("install_requires=["):setup.index("],", setup.index("install_requires="))]
+  direct = {re.split(r"[\[<>=;! ]", req, maxsplit=1)[0].lower().replace("_", "-")
+            for req in re.findall(r'"([^"]+)"', block)}
+  tpu, cuda = _pins(CONSTRAINTS / "tpu.txt"), _pins(CONSTRAINTS / "cuda12.txt")
+  for pins in (tpu, cuda):
+    assert direct | {"jaxlib", "gcsfs"} <= set(pins), direct - set(pins)
+    assert pins["jax"] == pins["jaxlib"]
+  assert "libtpu" in tpu and "libtpu" not in cuda
+  assert cuda["jax-cuda12-plugin"] == cuda["jax-cuda12-pjrt"] == cuda["jax"]
+  shared = set(tpu) & set(cuda)
+  assert {name: tpu[name] for name in shared} == {name: cuda[name] for name in shared}
+
+
 # ------------------------------------------------------------------------ gpu_multinode.sh
 
 SLURM_ENV = {"SLURM_NODEID": "3", "SLURM_NNODES": "4", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "777",
@@ -405,19 +648,60 @@ def test_worker_stop_escalates_to_sigkill(worker_env):
                    open(f"/proc/{pid}/stat").read().split()[2] == "Z")
 
 
-def test_worker_setup_installs_into_the_virtualenv(tmp_path):
+def _setup(tmp_path, **env):
+  """Runs `tpu_worker.sh setup` with a recording stand-in for the virtualenv's python."""
   venv_bin = tmp_path / "venv" / "bin"
-  venv_bin.mkdir(parents=True)
+  venv_bin.mkdir(parents=True, exist_ok=True)
   calls = tmp_path / "calls"
+  calls.unlink(missing_ok=True)
   _write_exe(venv_bin / "python", f"#!/bin/sh\necho \"$*\" >> {shlex.quote(str(calls))}\n"
              "case \"$1\" in -c) echo 'jax 0.0';; esac\n")
   result = _run(TPU_WORKER, ["setup"], env={"MBJ_VENV": str(tmp_path / "venv"),
-                                            "MBJ_BASE_PYTHON": "/nonexistent", "MBJ_EXTRAS": "tfds"})
+                                            "MBJ_BASE_PYTHON": "/nonexistent", **env})
+  return result, (calls.read_text().splitlines() if calls.exists() else [])
+
+
+def test_worker_setup_installs_into_the_virtualenv_with_the_constraints(tmp_path):
+  result, lines = _setup(tmp_path, MBJ_EXTRAS="tfds")
   assert result.returncode == 0, result.stderr
-  lines = calls.read_text().splitlines()
   assert lines[0] == "-m pip install -q -U pip"
-  assert lines[1] == f"-m pip install -q -e {LAUNCH.parent}[tfds] jax[tpu] gcsfs"
+  assert lines[1] == (f"-m pip install -q -c {CONSTRAINTS}/tpu.txt -e {LAUNCH.parent}[tfds] "
+                      "jax[tpu] gcsfs")
   assert "installed jax 0.0" in result.stdout
+
+
+def test_worker_setup_constraints_choice(tmp_path):
+  result, lines = _setup(tmp_path, MBJ_CONSTRAINTS="none")
+  assert result.returncode == 0, result.stderr
+  assert lines[1] == f"-m pip install -q -e {LAUNCH.parent} jax[tpu] gcsfs"
+  result, lines = _setup(tmp_path, MBJ_CONSTRAINTS="launch/constraints/cuda12.txt")
+  assert f"-c {CONSTRAINTS}/cuda12.txt " in lines[1]
+  result, lines = _setup(tmp_path, MBJ_CONSTRAINTS="launch/constraints/missing.txt")
+  assert result.returncode != 0 and "MBJ_CONSTRAINTS=none" in result.stderr
+  assert lines == ["-m pip install -q -U pip"]  # stopped before installing anything
+
+
+def test_worker_wait_and_exit_status(worker_env):
+  """The runner records the trainer's status; `wait` follows this run's log and returns it."""
+  env = dict(worker_env, MBJ_WORKER_ENDPOINTS="10.0.0.5")
+  assert _run(TPU_WORKER, ["exit-status"], env=env).stdout == "none\n"
+  assert _run(TPU_WORKER, ["start", "--detach", "--", "--workdir=a"], env=dict(env, STUB_EXIT="75")
+              ).returncode == 0
+  waited = _run(TPU_WORKER, ["wait"], env=env)
+  assert waited.returncode == 75 and "saved (status 75)" in waited.stdout
+  assert _run(TPU_WORKER, ["exit-status"], env=env).stdout == "75\n"
+
+  assert _run(TPU_WORKER, ["start", "--detach", "--", "--workdir=b"], env=env).returncode == 0
+  assert _wait_for(lambda: "stub: ready" in _log(env).rsplit("=== ", 1)[1])
+  assert _run(TPU_WORKER, ["exit-status"], env=env).stdout == "running\n"
+  follower = subprocess.Popen([BASH, str(TPU_WORKER), "wait", "--prefix"], env={**os.environ, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert _run(TPU_WORKER, ["stop", "--timeout", "20"], env=env).returncode == 0
+  out, err = follower.communicate(timeout=20)
+  assert follower.returncode == 0, err  # the stub saves and exits 0 on SIGTERM, through the runner
+  assert "arg=--workdir=b" in out and "arg=--workdir=a" not in out  # this run's log only
+  assert "stub: got SIGTERM" in out and "trainer finished (status 0)" in out
+  assert _run(TPU_WORKER, ["exit-status"], env=env).stdout == "0\n"
 
 
 def test_worker_rejects_bad_arguments(worker_env):
