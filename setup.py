@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "mobilebert-jax = mobilebert_jax.main:run",
             "mobilebert-jax-convert = mobilebert_jax.convert:run",
+            "mobilebert-jax-predict = mobilebert_jax.predict:run",
         ],
     },
 )

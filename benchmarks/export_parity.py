@@ -10,7 +10,8 @@ exported with `mobilebert_jax.export` (batch 1, `--seq_len`); int8 is calibrated
 int8 parity). Each file is then run `--repeats` times in its runtime (LiteRT interpreter with
 its default XNNPACK delegate, onnxruntime on CPU) after one warm-up call; the report gives the
 median latency, the file size and the largest |exported - JAX| logit difference on a batch the
-export did not see.
+export did not see. `benchmarks.export_latency` builds on the helpers here (`native_checkpoint`,
+`export_format`, `runtime_call`).
 """
 
 from __future__ import annotations
@@ -26,27 +27,20 @@ from absl import app, flags
 from benchmarks.reporting import write_report
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("presets", ["mobilebert"], "Model presets (full size).")
-flags.DEFINE_list("formats", ["litert", "litert_dynamic", "litert_int8", "onnx"],
-                  "Exports to make: litert, litert_dynamic, litert_int8, onnx.")
-flags.DEFINE_integer("seq_len", 128, "Fixed sequence length of the exported signature.")
-flags.DEFINE_integer("calibration_batches", 8, "Random batches for int8 calibration.")
-flags.DEFINE_integer("repeats", 10, "Timed runtime calls per file.")
-flags.DEFINE_string("output", "export_parity.json", "JSON report path ('' to skip).")
+# The export formats this script and benchmarks.export_latency know: the `quantize` argument of
+# `export_litert`, or None for ONNX.
+FORMATS = {"litert": "none", "litert_dynamic": "dynamic", "litert_int8": "int8", "onnx": None}
 
 
-def _native(preset: str, directory: str) -> str:
-  import jax
-  import numpy as np
-  from mobilebert_jax import save_pretrained
-  from mobilebert_jax.models import build_model, get_preset
-  from mobilebert_jax.pretrained import init_params
-  config = get_preset(preset)
-  model = build_model(config, "classification")
-  params = jax.jit(lambda: init_params(model, config, jax.random.PRNGKey(0)))()
-  path = os.path.join(directory, preset)
-  save_pretrained(path, config, jax.tree.map(np.asarray, params), "classification")
-  return path
+def define_flags() -> None:
+  """Defines this script's flags (only when it runs: benchmarks.export_latency imports the
+  helpers below, and absl refuses two definitions of `--output` or `--seq_len`)."""
+  flags.DEFINE_list("presets", ["mobilebert"], "Model presets (full size).")
+  flags.DEFINE_list("formats", list(FORMATS), "Exports to make: " + ", ".join(FORMATS) + ".")
+  flags.DEFINE_integer("seq_len", 128, "Fixed sequence length of the exported signature.")
+  flags.DEFINE_integer("calibration_batches", 8, "Random batches for int8 calibration.")
+  flags.DEFINE_integer("repeats", 10, "Timed runtime calls per file.")
+  flags.DEFINE_string("output", "export_parity.json", "JSON report path ('' to skip).")
 
 
 def _time(run, inputs, repeats: int) -> float:
@@ -59,28 +53,61 @@ def _time(run, inputs, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _case(native: str, fmt: str, directory: str) -> dict:
+def native_checkpoint(preset: str, directory: str, tiny: bool = False) -> str:
+  """Saves `preset` (random weights, classification head) as a native checkpoint in
+  `directory`; `tiny` shrinks it (`presets.tiny`). Returns the checkpoint's path."""
+  import jax
   import numpy as np
+  from mobilebert_jax import save_pretrained
+  from mobilebert_jax.models import build_model, get_preset
+  from mobilebert_jax.pretrained import init_params
+  config = get_preset(preset, tiny_variant=tiny)
+  model = build_model(config, "classification")
+  # Eager: jitting the init compiles for longer than it runs (MobileBERT: 40 s).
+  params = init_params(model, config, jax.random.PRNGKey(0))
+  path = os.path.join(directory, preset)
+  save_pretrained(path, config, jax.tree.map(np.asarray, params), "classification")
+  return path
+
+
+def export_format(native: str, fmt: str, directory: str, seq_len: int,
+                  calibration_batches: int):
+  """Exports `native` to `fmt` (a key of FORMATS) at batch 1; returns (ExportReport, seconds).
+
+  int8 is calibrated on `calibration_batches` random batches (`Serving.example_inputs`).
+  """
   from mobilebert_jax.export import litert, onnx, serving as serving_lib
-  serving = serving_lib.load_serving(native, seq_length=FLAGS.seq_len, batch_size=1)
   path = os.path.join(directory, f"{os.path.basename(native)}_{fmt}")
   start = time.perf_counter()
   if fmt == "onnx":
-    report = onnx.export_onnx(native, path + ".onnx", seq_length=FLAGS.seq_len, batch_size=1)
-    import onnxruntime as ort
-    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
-    run = lambda inputs: session.run(None, inputs)[0]
+    report = onnx.export_onnx(native, path + ".onnx", seq_length=seq_len, batch_size=1)
   else:
-    quantize = {"litert": "none", "litert_dynamic": "dynamic", "litert_int8": "int8"}[fmt]
     calibration = None
-    if quantize == "int8":
-      calibration = [serving.example_inputs(seed=i) for i in range(FLAGS.calibration_batches)]
-    report = litert.export_litert(native, path + ".tflite", seq_length=FLAGS.seq_len,
-                                  quantize=quantize, calibration=calibration)
-    from ai_edge_litert.interpreter import Interpreter
-    runner = Interpreter(model_path=report.path).get_signature_runner(litert.SIGNATURE)
-    run = lambda inputs: runner(**inputs)["logits"]
-  convert_s = time.perf_counter() - start
+    if FORMATS[fmt] == "int8":
+      serving = serving_lib.load_serving(native, seq_length=seq_len, batch_size=1)
+      calibration = [serving.example_inputs(seed=i) for i in range(calibration_batches)]
+    report = litert.export_litert(native, path + ".tflite", seq_length=seq_len,
+                                  quantize=FORMATS[fmt], calibration=calibration)
+  return report, time.perf_counter() - start
+
+
+def runtime_call(path: str, threads: int | None = None):
+  """A call `inputs -> logits` running the exported file `path` on CPU in its runtime (LiteRT
+  with its default XNNPACK delegate for .tflite, onnxruntime for .onnx) with `threads` intra-op
+  threads (None: the runtime's default)."""
+  from mobilebert_jax.export import litert, onnx
+  make = onnx.onnx_runner if path.endswith(".onnx") else litert.litert_runner
+  runner = make(path, threads)
+  return lambda inputs: runner(**inputs)["logits"]
+
+
+def _case(native: str, fmt: str, directory: str) -> dict:
+  import numpy as np
+  from mobilebert_jax.export import serving as serving_lib
+  report, convert_s = export_format(native, fmt, directory, FLAGS.seq_len,
+                                    FLAGS.calibration_batches)
+  run = runtime_call(report.path)
+  serving = serving_lib.load_serving(native, seq_length=FLAGS.seq_len, batch_size=1)
   inputs = serving.example_inputs(seed=1000)
   diff = float(np.abs(np.asarray(run(inputs)) - np.asarray(serving(**inputs)["logits"])).max())
   return {"format": fmt, "convert_s": round(convert_s, 1), "size_mb": report.size_bytes / 1e6,
@@ -95,7 +122,7 @@ def main(argv):
   rows = []
   with tempfile.TemporaryDirectory() as directory:
     for preset in FLAGS.presets:
-      native = _native(preset, directory)
+      native = native_checkpoint(preset, directory)
       for fmt in FLAGS.formats:
         row = {"preset": preset, "batch": 1, "seq_len": FLAGS.seq_len,
                **_case(native, fmt, directory)}
@@ -108,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

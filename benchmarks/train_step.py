@@ -16,8 +16,9 @@ same jitted function training runs, with its shardings over all local devices (d
 
 FLOPs per step are counted two ways: analytically (6 x trained non-embedding params x tokens +
 2 x teacher params x tokens, attention score/value products, and the vocabulary projection on
-the masked slots) and by XLA's cost analysis of the compiled step. MFU = analytic FLOPs per
-second / peak (given with --peak_tflops, or known for H100/H200 GPUs in bf16).
+the masked slots; `mobilebert_jax.training.goodput`, the count every training log line uses) and
+by XLA's cost analysis of the compiled step. MFU = analytic FLOPs per second / peak (given with
+--peak_tflops, or the device kind's bf16 peak from goodput.PEAK_TFLOPS in bf16).
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ flags.DEFINE_bool("scan_layers", False, "Run both models' layers under nn.scan "
 flags.DEFINE_list("remat", ["none"], "Rematerialisation of the trained model's layers: 'none' or "
                   "a ModelConfig.remat_policy (a sweep when several).")
 
-# Dense bf16 peak per device, TFLOP/s.
-KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 CASES = {
     # case: (strategy, trained role, teacher preset, student preset)
     "teacher_pretrain": ("pretrain", "teacher", "ib_bert_large", "mobilebert"),
@@ -106,37 +105,12 @@ def synthetic_batch(vocab: int, rng, b: int, l: int):
   }
 
 
-def non_embedding_params(params) -> int:
-  """Parameters outside the token/position/type tables and the MLM output rows."""
-  import jax
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", str(k)) for k in path]
-    if "embeddings" in names and names[-1] == "embedding":
-      continue
-    if names[-1] in ("extra_decoder",) or names[-2:] == ["mlm", "bias"]:
-      continue
-    total += leaf.size
-  return total
-
-
-def analytic_flops(config, params, trained: bool, tokens: int, masked: int, length: int) -> float:
-  """Forward (x3 if trained) FLOPs of one model on `tokens` tokens with `masked` MLM slots."""
-  n = non_embedding_params(params)
-  attention = 2 * 2 * config.num_layers * length * config.intra_size * tokens
-  vocab = 2 * config.hidden_size * config.vocab_size * masked
-  forward = 2 * n * tokens + attention + vocab
-  return forward * (3 if trained else 1)
-
-
 def peak_tflops(device) -> float | None:
+  """--peak_tflops, else the device's bf16 peak (goodput.PEAK_TFLOPS) when computing in bf16."""
+  from mobilebert_jax.training import goodput
   if FLAGS.peak_tflops > 0:
     return FLAGS.peak_tflops
-  kind = getattr(device, "device_kind", "")
-  for name, peak in KNOWN_PEAKS.items():
-    if name in kind and FLAGS.dtype == "bfloat16":
-      return peak
-  return None
+  return goodput.peak_tflops(device) if FLAGS.dtype == "bfloat16" else None
 
 
 def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str = "none") -> dict:
@@ -146,6 +120,7 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   from mobilebert_jax.models import build_model
   from mobilebert_jax.pretrained import init_params, save_pretrained
   from mobilebert_jax.stages import Trainer, model_config
+  from mobilebert_jax.training import goodput
   from mobilebert_jax.training.core import put_global, to_host
 
   config = case_config(case, batch_size, length, remat)
@@ -191,11 +166,9 @@ def run_case(case: str, workdir: str, batch_size: int, length: int, remat: str =
   step_s = float(np.median(times)) if times else None
 
   tokens = batch_size * length
-  masked = batch_size * FLAGS.predictions
-  flops = analytic_flops(model_cfg, params["model"], True, tokens, masked, length)
-  if strategy != "pretrain":
-    flops += analytic_flops(teacher_cfg, trainer.roles["teacher"].params, False, tokens, masked,
-                            length)
+  teacher = (teacher_cfg, trainer.roles["teacher"].params) if strategy != "pretrain" else None
+  flops = goodput.train_step_flops((model_cfg, params["model"]), teacher, batch=batch_size,
+                                   length=length, masked_per_sequence=FLAGS.predictions)
   memory = compiled.memory_analysis()
   devices = jax.devices()
   peak = peak_tflops(devices[0])

@@ -29,9 +29,16 @@ import sys
 
 from etils import epath
 
-from mobilebert_jax import pretrained
+from mobilebert_jax import model_files, pretrained
 from mobilebert_jax.interop import hf
-from mobilebert_jax.models import HEADS
+from mobilebert_jax.models import HEADS, num_params
+
+
+HF_USAGE = (
+    "from transformers import pipeline",
+    "pipeline('text-classification', model=THIS_DIR)   # or token-classification, "
+    "question-answering",
+)
 
 
 def check_destination(src: str, dst: str, overwrite: bool = False) -> None:
@@ -58,8 +65,12 @@ def import_hf(src: str, dst: str, head: str | None = None, overwrite: bool = Fal
   head = head or src_head
   if head != src_head:
     params = pretrained.adapt_params(params, src_head, head, config)
+  mapping = hf.read_hf_config(src).get("id2label") or {}
+  labels = [mapping[k] for k in sorted(mapping, key=int)]
+  fits = head in pretrained.LABELLED_HEADS and len(labels) == config.num_labels
   pretrained.save_pretrained(dst, config, params, head, tokenizer_dir=src,
-                             extra={"converted_from": os.path.abspath(src)})
+                             extra={"converted_from": os.path.abspath(src)},
+                             labels=labels if fits else None)
   return head
 
 
@@ -74,7 +85,14 @@ def export_hf(src: str, dst: str, head: str | None = None, overwrite: bool = Fal
   head = head or src_head
   if head != src_head:
     params = pretrained.adapt_params(params, src_head, head, config)
-  hf.write_hf_dir(dst, config, head, params, tokenizer_dir=src)
+  meta = dict(pretrained.read_native_meta(src), head=head)
+  labels = (model_files.label_names(meta, config.num_labels)
+            if head == src_head and head in pretrained.LABELLED_HEADS else None)
+  hf.write_hf_dir(dst, config, head, params, tokenizer_dir=src, labels=labels)
+  model_files.write_companions(
+      dst, meta, tokenizer_dir=None, num_params=num_params(params),
+      details=[("format", "Hugging Face transformers (config.json, model.safetensors)")],
+      usage=HF_USAGE)
   return head
 
 
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _quiet() -> None:
+def quiet_logging() -> None:
   """Keeps stderr to the project's own lines: no backend probing, library INFO logs or banners."""
   import jax
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -157,7 +175,7 @@ def _quiet() -> None:
 
 def run() -> int:
   """The command-line entry (`mobilebert-jax-convert`, `python -m mobilebert_jax.convert`)."""
-  _quiet()
+  quiet_logging()
   return main()
 
 

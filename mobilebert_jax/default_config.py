@@ -131,13 +131,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantization = ml_collections.ConfigDict(dict(
       ptq_eval=False, weight_bits=8, act_bits=8, embedding_bits=8, calibration="max",
       calibration_batches=8))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # The device mesh (mobilebert_jax.parallel.sharding.create_mesh): dcn_data = data parallelism
+  # across TPU slices over the data-centre network (a divisor of the slice count); data, fsdp and
+  # tensor within a slice, one of them -1 for the rest of its devices.
+  c.mesh = ml_collections.ConfigDict(dict(dcn_data=1, data=-1, fsdp=1, tensor=1))
   c.logical_rules = ()  # empty: mobilebert_jax.parallel.sharding.LOGICAL_RULES
   c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
   # JAX's persistent compilation cache: empty = <workdir>/compilation_cache, "none" = off; a
   # restarted run loads its compiled steps from it instead of compiling them again.
   c.compilation_cache_dir = ""
   c.log_every_steps = 50
+  # Peak dense TFLOP/s of one device, for the model FLOPs utilisation in every log line; 0 =
+  # looked up by device kind (mobilebert_jax.training.goodput.PEAK_TFLOPS; none on CPU).
+  c.peak_tflops = 0.0
+  # A jax.profiler trace of some steps into <workdir>/<stage>/plugins/profile/ (TensorBoard's
+  # profile plugin): "START:STOP" = steps [START, STOP) of every trained stage,
+  # "STAGE:START:STOP" of one stage; "" = off.
+  c.profile = ""
   return c
 
 

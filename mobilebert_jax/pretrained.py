@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,15 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from mobilebert_jax import model_files
 from mobilebert_jax.interop import hf
-from mobilebert_jax.models import (HEADS, ModelConfig, build_model, to_canonical_layout,
-                                   to_model_layout)
+from mobilebert_jax.models import (HEADS, ModelConfig, build_model, num_params,
+                                   to_canonical_layout, to_model_layout)
 
 log = logging.getLogger(__name__)
 
 NATIVE_CONFIG = "mobilebert_jax.json"
 NATIVE_PARAMS = "params"
 FORMAT_VERSION = 1
+# Heads whose outputs are named labels (id2label in the metadata).
+LABELLED_HEADS = ("classification", "token_classification")
 # Backbone subtrees that must come from the checkpoint; anything else may be initialised fresh.
 _CORE_PREFIXES = ("embeddings", "layer_")
 
@@ -77,8 +80,14 @@ def read_native_meta(path: str) -> dict:
 
 
 def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
-                    tokenizer_dir: str | None = None, extra: Mapping | None = None) -> None:
-  """Writes a native directory: metadata + config JSON, orbax params, tokenizer files.
+                    tokenizer_dir: str | None = None, extra: Mapping | None = None,
+                    labels: Sequence[str] | None = None) -> None:
+  """Writes a native directory: metadata + config JSON, orbax params, tokenizer files,
+  tokenizer_config.json and a model card (`model_files`).
+
+  `labels` names the outputs of a classification or tagging head (stored as `id2label`;
+  LABEL_i without them). `extra` adds metadata: `stages` ([{name, strategy, steps}]) and
+  `metrics` (shown in the model card), and anything else JSON (e.g. `converted_from`).
 
   `params` may be in either layout; the checkpoint always holds the canonical one. In
   multi-process runs every process must call this (the orbax write is collective); only
@@ -87,6 +96,10 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
   import orbax.checkpoint as ocp
   if head not in HEADS:
     raise ValueError(f"unknown head {head!r}; valid heads: {sorted(HEADS)}")
+  meta = {"format": "mobilebert_jax", "version": FORMAT_VERSION, "head": head,
+          "model": config.to_dict(), **(extra or {})}
+  if head in LABELLED_HEADS:  # checked before anything is written
+    meta["id2label"] = model_files.id2label(labels, config.num_labels)
   path = _absolute(path)
   epath.Path(path).mkdir(parents=True, exist_ok=True)
   params_dir = os.path.join(path, NATIVE_PARAMS)
@@ -97,10 +110,9 @@ def save_pretrained(path: str, config: ModelConfig, params: Mapping, head: str,
   checkpointer.wait_until_finished()
   if jax.process_index() != 0:
     return
-  meta = {"format": "mobilebert_jax", "version": FORMAT_VERSION, "head": head,
-          "model": config.to_dict(), **(extra or {})}
   epath.Path(path, NATIVE_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-  hf.copy_tokenizer_files(tokenizer_dir, path)
+  model_files.write_companions(path, meta, tokenizer_dir=tokenizer_dir,
+                               num_params=num_params(params))
 
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, str, dict]:

@@ -14,41 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-from mobilebert_jax import get_preset, save_pretrained
+from mobilebert_jax import get_preset
+from mobilebert_jax.data import load_tokenizer
 from mobilebert_jax.export import serving as serving_lib
 from mobilebert_jax.export.serving import ExportError, MissingDependencyError, load_serving
-from mobilebert_jax.models import HEADS, ModelConfig, build_model, tiny
-from mobilebert_jax.pretrained import abstract_params, init_params
+from mobilebert_jax.models import HEADS, build_model, tiny
+from mobilebert_jax.pretrained import init_params
+from tiny_checkpoints import LABELS, NAS, VOCAB, WORDS, native_checkpoint as _native
 
 SEQ = 16
-WORDS = [f"word{i}" for i in range(59)]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS  # 64 tokens
-NAS = ModelConfig(vocab_size=64, embedding_size=16, hidden_size=32, intra_size=32, num_layers=4,
-                  num_heads=2, intermediate_size=32, num_ffn=1, normalization="layer_norm",
-                  hidden_act="gelu", trigram_input=False, use_bottleneck=False,
-                  attention_input="layer_input", model_type="bert", max_position_embeddings=32,
-                  hidden_dropout=0.0, attention_dropout=0.0, num_labels=3,
-                  layer_ops=("mha2", "ffn64", "conv3", "identity"))
 CONFIGS = {"mobilebert": tiny(get_preset("mobilebert"), vocab_size=64).replace(num_labels=3),
            "nas": NAS}
-
-
-def _native(path, config, head="classification", seed=0):
-  """A tiny native checkpoint with random weights (norm scales near 1; filled from shapes alone,
-  which is quicker than compiling the initialisers) and a 64-token vocab.txt."""
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    noise = rng.randn(*leaf.shape).astype(np.float32)
-    return 1 + 0.05 * noise if path[-1].key == "scale" else 0.1 * noise
-
-  shapes = abstract_params(build_model(config, head), config)
-  params = jax.tree_util.tree_map_with_path(fill, shapes)
-  vocab_dir = path.parent / f"{path.name}_vocab"
-  vocab_dir.mkdir(parents=True)
-  (vocab_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-  save_pretrained(str(path), config, params, head, tokenizer_dir=str(vocab_dir))
-  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +59,13 @@ def _expected(path, batch):
 
 
 def _litert(path, batch):
-  from ai_edge_litert.interpreter import Interpreter
-  runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-  return runner(**batch)
+  from mobilebert_jax.export.litert import litert_runner
+  return litert_runner(str(path))(**batch)
 
 
 def _onnx(path, batch):
-  import onnxruntime as ort
-  options = ort.SessionOptions()
-  options.log_severity_level = 3
-  session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-  names = [o.name for o in session.get_outputs()]
-  return dict(zip(names, session.run(names, batch)))
+  from mobilebert_jax.export.onnx import onnx_runner
+  return onnx_runner(str(path))(**batch)
 
 
 def _needs_litert():
@@ -275,3 +246,58 @@ def test_onnx_question_answering_outputs(tmp_path):
   assert list(got) == ["start_logits", "end_logits"]
   for key in got:
     np.testing.assert_allclose(got[key], want[key], atol=1e-4)
+
+
+# ------------------------------------------------------------ model directories and predict
+
+
+def _pairs(count=10, seed=5):
+  rng = np.random.RandomState(seed)
+  return [" ".join(rng.choice(WORDS, rng.randint(2, 9))) + "\t" +
+          " ".join(rng.choice(WORDS, rng.randint(2, 9))) for _ in range(count)]
+
+
+def test_predict_gives_the_same_labels_from_native_litert_and_onnx(native, tmp_path):
+  """Model directories (model file, serving.json with the label names, tokenizer files that
+  AutoTokenizer reads, model card) from both exporters; `predict` labels sentence pairs alike
+  in JAX, LiteRT and ONNX Runtime, through the API and the command line."""
+  _needs_litert()
+  _needs_onnx()
+  import json
+  from transformers import AutoTokenizer
+  from mobilebert_jax import predict
+  from mobilebert_jax.export import export_litert, export_onnx
+  src = native["mobilebert"]
+  export_litert(src, str(tmp_path / "litert"), seq_length=SEQ, batch_size=4)
+  export_onnx(src, str(tmp_path / "onnx"), seq_length=SEQ)
+  lines = _pairs()
+  first, second = zip(*(line.split("\t") for line in lines))
+  reference = load_tokenizer(src)(list(first), list(second))["input_ids"]
+  for name, model_file in (("litert", "model.tflite"), ("onnx", "model.onnx")):
+    directory = tmp_path / name
+    assert {model_file, "serving.json", "vocab.txt", "tokenizer_config.json",
+            "README.md"} <= set(os.listdir(directory))
+    description = json.loads((directory / "serving.json").read_text())
+    assert description["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
+    assert "| labels | negative, neutral, positive |" in (directory / "README.md").read_text()
+    assert AutoTokenizer.from_pretrained(directory)(list(first), list(second))[
+        "input_ids"] == reference
+
+  results = {}
+  for model in (src, tmp_path / "litert", tmp_path / "onnx", tmp_path / "onnx" / "model.onnx"):
+    predictor = predict.load_predictor(str(model), seq_length=SEQ)
+    examples = predict.read_examples(lines, "classification")
+    results[model] = list(predict.predict(predictor, examples))
+  want = results[src]
+  assert {r["label"] for r in want} <= set(LABELS)
+  for model, got in results.items():
+    assert [r["label"] for r in got] == [r["label"] for r in want], model
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-4)
+
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  cli = subprocess.run([sys.executable, "-m", "mobilebert_jax.predict", str(tmp_path / "litert"),
+                        f"--input={tmp_path / 'in.txt'}", "--threads=1"],
+                       capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 0 and cli.stderr == "", cli.stderr
+  assert [json.loads(line)["label"] for line in cli.stdout.splitlines()] == [
+      r["label"] for r in want]

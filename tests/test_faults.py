@@ -93,7 +93,8 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_older_one_restored(damage,
     state, extra = ckpt.restore(_abstract(_state(0)))
   assert extra == {"step": 1}
   np.testing.assert_array_equal(state["a"], _state(1)["a"])
-  warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  warnings = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("checkpoint ") and " is damaged " in r.getMessage()]
   assert len(warnings) == 1
   assert f"checkpoint {directory}/2 is damaged" in warnings[0]
   assert f"moved it aside to {directory}/2.damaged; resuming from step 1" in warnings[0]
@@ -349,3 +350,19 @@ def test_several_processes_agree_through_the_preemption_service_not_a_collective
     assert forwarded == [signal.SIGTERM]  # Ctrl-C on one process stops them all
     assert [stop.agreed() for _ in range(4)] == [False, False, True, True]
   assert calls == [0, 1, 2, 3]  # one call per check, the same count on every process
+
+
+def test_each_start_records_the_installed_versions_and_a_change_is_named(tmp_path, caplog):
+  """environment.json holds one entry per start (versions, backend, devices); a restart on
+  other versions than the previous start's says which changed."""
+  assert operations.record_environment(str(tmp_path)) == []
+  path = tmp_path / operations.ENVIRONMENT_FILE
+  entries = json.loads(path.read_text())
+  assert entries[0]["packages"]["jax"] == jax.__version__ and entries[0]["devices"] >= 1
+  entries[0]["packages"]["jax"] = "0.0.1"
+  path.write_text(json.dumps(entries))
+  with caplog.at_level(logging.WARNING, logger="mobilebert_jax"):
+    changes = operations.record_environment(str(tmp_path))
+  assert changes == [f"jax: 0.0.1 -> {jax.__version__}"]
+  assert "previous run used other versions (jax: 0.0.1" in caplog.text
+  assert len(json.loads(path.read_text())) == 2

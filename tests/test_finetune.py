@@ -9,7 +9,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from mobilebert_jax import convert, default_config, load_pretrained, save_pretrained
+from mobilebert_jax import convert, default_config, load_pretrained, predict, save_pretrained
 from mobilebert_jax.data import sample_vocab_path
 from mobilebert_jax.models import build_model, get_preset
 from mobilebert_jax.pretrained import init_params
@@ -88,6 +88,23 @@ def test_finetune_sst2_reaches_high_dev_accuracy_and_exports(tmp_path):
     expected = reference(input_ids=torch.tensor(ids)).logits.numpy()
   got = np.asarray(model.apply({"params": tuned}, ids).logits)
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+  # `predict` on the native model labels the test sentences as the evaluator's file does, and
+  # transformers' pipeline on the export (tokenizer_config.json, id2label) agrees with it.
+  final = workdir / "finetune" / "final"
+  meta = json.loads((final / "mobilebert_jax.json").read_text())
+  assert meta["id2label"] == {"0": "0", "1": "1"}
+  assert [s["name"] for s in meta["stages"]] == ["finetune"] and "dev_accuracy" in meta["metrics"]
+  card = (final / "README.md").read_text()
+  assert "| labels | 0, 1 |" in card and "dev_accuracy" in card
+  sentences = [line.split("\t", 1)[1] for line in
+               (tmp_path / "glue" / "SST-2" / "test.tsv").read_text().splitlines()[1:]]
+  predictor = predict.load_predictor(str(final), seq_length=32)
+  labels = [r["label"] for r in predict.predict(predictor, predict.read_examples(
+      sentences, predictor.head))]
+  assert labels == [line.split("\t")[1] for line in predictions[1:]]
+  classify = transformers.pipeline("text-classification", model=str(tmp_path / "hf"))
+  assert [r["label"] for r in classify(sentences[:4])] == labels[:4]
 
 
 def write_squad(path, rng, words, n):

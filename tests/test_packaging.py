@@ -18,7 +18,7 @@ def _setup_kwargs() -> dict:
 def test_console_scripts_resolve_to_callables():
   scripts = dict(line.replace(" ", "").split("=")
                  for line in _setup_kwargs()["entry_points"]["console_scripts"])
-  assert set(scripts) == {"mobilebert-jax", "mobilebert-jax-convert"}
+  assert set(scripts) == {"mobilebert-jax", "mobilebert-jax-convert", "mobilebert-jax-predict"}
   for name, target in scripts.items():
     module, _, attr = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attr, None)), f"{name} -> {target}"

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mobilebert_jax import default_config, load_pretrained
+from mobilebert_jax import default_config, load_pretrained, predict
 from mobilebert_jax.data import load_tokenizer, sample_vocab_path
 from mobilebert_jax.downstream import tagging
 from mobilebert_jax.downstream.metrics import bio_spans, span_f1, tagging_metrics
@@ -111,5 +111,16 @@ def test_a_bert_student_learns_a_tagging_task(tmp_path, tagging_set):
   lines = (workdir / "tagging_predictions.txt").read_text().splitlines()
   assert len(lines[0].split()) == 3  # token gold predicted
   model, params = load_pretrained(outputs["student"], "token_classification")
-  assert model.config.num_labels == len(tagging.tag_vocabulary(
-      tagging.read_conll(tagging_set["train_file"])))
+  tags = tagging.tag_vocabulary(tagging.read_conll(tagging_set["train_file"]))
+  assert model.config.num_labels == len(tags)
+
+  # `predict` on the student directory (its id2label names the tags) tags the dev sentences as
+  # the evaluator did.
+  sentences = tagging.read_conll(tagging_set["dev_file"])[:20]
+  predictor = predict.load_predictor(outputs["student"], seq_length=32)
+  assert predictor.labels == list(tags)
+  results = list(predict.predict(predictor, predict.read_examples(
+      [json.dumps({"tokens": list(s.tokens)}) for s in sentences], predictor.head)))
+  evaluated = [line.split()[2] for line in lines if line.strip()]
+  assert [t for r in results for t in r["tags"]] == evaluated[:sum(len(s.tokens)
+                                                                    for s in sentences)]

@@ -12,6 +12,7 @@ from mobilebert_jax import default_config, load_pretrained
 from mobilebert_jax.data import sample_text_path
 from mobilebert_jax.training.metrics import read_metrics
 from mobilebert_jax.stages import Trainer
+from mobilebert_jax.training import goodput
 from mobilebert_jax.training.core import TrainingDivergedError
 
 
@@ -44,12 +45,28 @@ def params_of(path):
 
 
 def test_teacher_loss_falls(tmp_path):
+  """...with goodput in every log line (MFU against a given peak, the analytic model FLOPs,
+  where the wall time went) and a profiler trace of the steps asked for."""
   c = tiny_config("teacher_pretrain", steps=(40,))
   c.teacher_pretrain.optimizer.learning_rate = 2e-2
+  c.peak_tflops = 0.5
+  c.profile = "teacher_pretrain:2:4"
   Trainer(c, str(tmp_path)).run()
   curve = [loss for _, loss in losses(str(tmp_path), "teacher_pretrain")]
   assert len(curve) == 40
   assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 0.5
+
+  rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  model, params = load_pretrained(os.path.join(tmp_path, "teacher"))
+  flops = goodput.train_step_flops((model.config, params), None, batch=8, length=32,
+                                   masked_per_sequence=5)
+  for row in rows:
+    assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 0.5)
+    assert row["model_tflops_per_device"] * 1e12 == pytest.approx(flops * row["steps_per_sec"])
+    assert sum(row[f"time_{a}_frac"] for a in goodput.ACTIVITIES) == pytest.approx(1.0)
+  assert rows[0]["time_compile_frac"] > 0.5 and rows[-1]["time_compile_frac"] == 0
+  traces = list((tmp_path / "teacher_pretrain" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1
 
 
 def _restore_ckpt_params(path):
@@ -84,15 +101,27 @@ def test_pkt_freezes_exactly_the_layers_it_should(tmp_path):
   assert phases == [0.0] * 4 + [1.0] * 4
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=1, tensor=2),
-                                  dict(data=2, fsdp=2, tensor=2)])
-def test_sharded_losses_match_single_device(mesh, tmp_path):
-  single = tiny_config("teacher_pretrain,pd", steps=(3, 3))
-  Trainer(single, str(tmp_path / "one")).run()
-  sharded = tiny_config("teacher_pretrain,pd", steps=(3, 3), **mesh)
-  Trainer(sharded, str(tmp_path / "many")).run()
+MESHES = {"one": dict(data=1, fsdp=1, tensor=1), "data8": dict(data=8, fsdp=1, tensor=1),
+          "tensor2": dict(data=4, fsdp=1, tensor=2), "mixed": dict(data=2, fsdp=2, tensor=2),
+          "hybrid": dict(dcn_data=2, data=2, fsdp=2, tensor=1)}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+  """Losses of teacher_pretrain then pd, 3 steps each, on one device and on meshes of 8 host
+  devices (data, tensor, mixed, and a hybrid mesh with two simulated slices over dcn_data)."""
+  root = tmp_path_factory.mktemp("meshes")
+  runs = {}
+  for name, mesh in MESHES.items():
+    Trainer(tiny_config("teacher_pretrain,pd", steps=(3, 3), **mesh), str(root / name)).run()
+    runs[name] = {stage: losses(str(root / name), stage) for stage in ("teacher_pretrain", "pd")}
+  return runs
+
+
+@pytest.mark.parametrize("mesh", ["data8", "tensor2", "mixed", "hybrid"])
+def test_sharded_losses_match_single_device(mesh, mesh_runs):
   for stage in ("teacher_pretrain", "pd"):
-    a, b = losses(str(tmp_path / "one"), stage), losses(str(tmp_path / "many"), stage)
+    a, b = mesh_runs["one"][stage], mesh_runs[mesh][stage]
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
     # Step 1 sees identical parameters: float tolerance. Later steps follow LAMB updates, whose
     # first steps are ~sign(g) per element, so reduction-order noise in near-zero gradients
@@ -100,6 +129,14 @@ def test_sharded_losses_match_single_device(mesh, tmp_path):
     if stage == "teacher_pretrain":  # the pd teacher already differs by the tolerance below
       np.testing.assert_allclose(a[0][1], b[0][1], rtol=2e-5)
     np.testing.assert_allclose([l for _, l in a[1:]], [l for _, l in b[1:]], rtol=1e-3)
+
+
+def test_a_hybrid_mesh_trains_like_plain_data_parallelism(mesh_runs):
+  """Two simulated slices (dcn_data=2) x data=2 x fsdp=2 against data=8: the same programme
+  up to the order of the cross-device sums."""
+  for stage in ("teacher_pretrain", "pd"):
+    np.testing.assert_allclose([l for _, l in mesh_runs["hybrid"][stage]],
+                               [l for _, l in mesh_runs["data8"][stage]], rtol=1e-5)
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path):

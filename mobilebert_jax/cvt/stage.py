@@ -45,6 +45,7 @@ from mobilebert_jax.cvt.model import (PAPER_VIEWS, VIEWS, CVTConfig, CVTTagger, 
                                       inference_modules, init_params)
 from mobilebert_jax.downstream.metrics import TAGGING_SCHEMES, tagging_metrics
 from mobilebert_jax.downstream.tagging import read_conll, read_unlabeled, tag_vocabulary
+from mobilebert_jax.parallel import sharding
 from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import Evaluation
 from mobilebert_jax.training.core import (batched_predict, jit_train_step, make_train_step,
@@ -189,11 +190,11 @@ def run_cvt_stage(env) -> bool:
     return True
   check_stage(name, stage)
   mesh = env.mesh
-  shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+  shards = sharding.batch_shards(mesh)
   for key in ("batch_size", "unlabeled_batch_size"):
     if int(stage[key]) % shards:
       raise ValueError(f"config.{name}.{key}={stage[key]} does not split over the mesh's "
-                       f"data x fsdp = {shards} devices: use a multiple of {shards}")
+                       f"dcn_data x data x fsdp = {shards} devices: use a multiple of {shards}")
   data = load_data(env.config.tagging_data, stage)
   vocab = data.vocab
   config = model_config(stage, vocab)

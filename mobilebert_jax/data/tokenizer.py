@@ -71,3 +71,21 @@ def load_tokenizer(vocab_path_or_dir: str | os.PathLike, do_lower_case: bool = T
     raise ValueError(f"vocab {str(path)!r} holds only {len(vocab)} tokens: was it read?")
   tokenizer.vocab_path = str(path)
   return tokenizer
+
+
+ENCODED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encode_pairs(tokenizer, firsts, seconds=None, max_length: int = 128) -> dict:
+  """`[CLS] first [SEP] (second [SEP])` per row, truncated (longest first) and padded to
+  `max_length`: int32 input_ids, attention_mask, token_type_ids [N, max_length]. `seconds` is
+  None or a list with None for rows without a second text."""
+  import numpy as np
+  if seconds is not None and not any(s is not None for s in seconds):
+    seconds = None
+  if seconds is not None and any(s is None for s in seconds):
+    raise ValueError("either every row has a second text (a pair) or none does")
+  encoded = tokenizer(list(firsts), list(seconds) if seconds is not None else None,
+                      padding="max_length", truncation=True, max_length=max_length,
+                      return_tensors="np")
+  return {k: np.asarray(encoded[k], np.int32) for k in ENCODED_INPUTS}

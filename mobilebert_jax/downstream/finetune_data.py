@@ -90,6 +90,7 @@ class GlueDataset(TokenizedDataset):
                batch_size: int, seed: int = 0, tfds_data_dir: str = "", process_index: int = 0,
                process_count: int = 1, augment=None):
     self.task = get_task(task)
+    self.label_names = self.task.labels  # None for a regression task
     self.augment = augment
     self.data_dir, self.tfds_data_dir = data_dir, tfds_data_dir
     self.max_seq_length = max_seq_length
@@ -158,6 +159,7 @@ class TaggingDataset(TokenizedDataset):
     self.train_sentences = tagging.read_conll(train_file, tag_column)
     self.tags = tagging.tag_vocabulary(self.train_sentences)
     self.num_labels = len(self.tags)
+    self.label_names = self.tags
     super().__init__(vocab_path, lambda: self._encode(self.train_sentences, train_file,
                                                       keep_positions=False),
                      batch_size, seed=seed, process_index=process_index,

@@ -352,18 +352,26 @@ def make_features(examples: Sequence[SquadExample], tokenizer, max_seq_length: i
 # ---------------------------------------------------------------------------------------------
 # Decoding.
 
-def decode_predictions(features: SquadFeatures, start_logits, end_logits, n_best: int = 20,
-                       max_answer_length: int = 30, null_threshold: float = 0.0,
-                       version_2: bool = False, return_null_odds: bool = False):
-  """{qid: answer text} from per-window start/end logits [F, L].
+@dataclasses.dataclass(frozen=True)
+class BestSpan:
+  """An example's best answer span: its text, character offsets [start, end) in the context
+  (-1 without a valid span), score = start + end logit, and the null ([CLS]) score."""
+  text: str
+  start: int
+  end: int
+  score: float
+  null_score: float
+
+
+def best_spans(features: SquadFeatures, start_logits, end_logits, n_best: int = 20,
+               max_answer_length: int = 30) -> dict[str, BestSpan]:
+  """{qid: BestSpan} from per-window start/end logits [F, L].
 
   For each window, the `n_best` highest start and end logits form candidate spans, kept if both
   ends are context tokens, end >= start, end - start + 1 <= max_answer_length and the start has
   its max context in the window; the answer is the best start + end logit over the example's
-  windows, cut from the context by the character offsets ("" if no span is valid).
-  v2: with null = min over windows of start[0] + end[0] ([CLS]), answer "" when
-  null - best span score > null_threshold. `return_null_odds` also returns {qid: that
-  difference} (+inf without a valid span), usable as `na_probs` for squad_evaluate.
+  windows, cut from the context by the character offsets ("" if no span is valid). The null
+  score is the minimum over windows of start[0] + end[0].
   """
   start_logits = np.asarray(start_logits, np.float64)
   end_logits = np.asarray(end_logits, np.float64)
@@ -374,9 +382,9 @@ def decode_predictions(features: SquadFeatures, start_logits, end_logits, n_best
   by_example = collections.defaultdict(list)
   for f, e in enumerate(features.example_index):
     by_example[int(e)].append(f)
-  predictions, null_odds = {}, {}
+  spans = {}
   for e, ex in enumerate(features.examples):
-    best_score, best_text = -np.inf, ""
+    best_score, best = -np.inf, (-1, -1)
     null_score = np.inf
     for f in by_example.get(e, ()):
       s_logits, e_logits = start_logits[f], end_logits[f]
@@ -392,9 +400,25 @@ def decode_predictions(features: SquadFeatures, start_logits, end_logits, n_best
             continue
           score = s_logits[i] + e_logits[j]
           if score > best_score:
-            best_score = score
-            best_text = ex.context[offsets[i, 0]:offsets[j, 1]]
-    diff = null_score - best_score  # +inf without a valid span
-    null_odds[ex.qid] = float(diff)
-    predictions[ex.qid] = "" if version_2 and diff > null_threshold else best_text
+            best_score, best = score, (int(offsets[i, 0]), int(offsets[j, 1]))
+    text = ex.context[best[0]:best[1]] if best[0] >= 0 else ""
+    spans[ex.qid] = BestSpan(text, best[0], best[1], float(best_score), float(null_score))
+  return spans
+
+
+def decode_predictions(features: SquadFeatures, start_logits, end_logits, n_best: int = 20,
+                       max_answer_length: int = 30, null_threshold: float = 0.0,
+                       version_2: bool = False, return_null_odds: bool = False):
+  """{qid: answer text} from per-window start/end logits [F, L] (the spans of `best_spans`).
+
+  v2: answer "" when null score - best span score > null_threshold. `return_null_odds` also
+  returns {qid: that difference} (+inf without a valid span), usable as `na_probs` for
+  squad_evaluate.
+  """
+  spans = best_spans(features, start_logits, end_logits, n_best, max_answer_length)
+  predictions, null_odds = {}, {}
+  for qid, span in spans.items():
+    diff = span.null_score - span.score  # +inf without a valid span
+    null_odds[qid] = float(diff)
+    predictions[qid] = "" if version_2 and diff > null_threshold else span.text
   return (predictions, null_odds) if return_null_odds else predictions

@@ -24,9 +24,8 @@ Before anything is written, the model is run once in the LiteRT interpreter (whe
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -36,6 +35,7 @@ from mobilebert_jax.export.serving import ExportError, ExportReport, Serving
 
 QUANTIZE_MODES = ("none", "dynamic", "int8")
 SIGNATURE = "serving_default"
+RUNTIME = "LiteRT"
 
 
 def _tensorflow(load: bool = True):
@@ -92,16 +92,33 @@ def convert(serving: Serving, quantize: str = "none",
                         + " | ".join(lines[:5])) from e
 
 
-def run_litert(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-  """Runs `model`'s serving signature in the LiteRT interpreter; None without ai-edge-litert."""
+def litert_runner(model: bytes | str, threads: int | None = None
+                  ) -> Callable[..., dict[str, np.ndarray]] | None:
+  """`run(**inputs) -> outputs` of `model`'s serving signature (a .tflite file path or its
+  bytes) in the LiteRT interpreter with `threads` CPU threads; None without ai-edge-litert.
+  The runner's `input_shape` is the fixed [batch, seq] of its inputs."""
   with serving_lib.native_stderr_captured():  # start-up logs, the XNNPACK delegate's banner
     try:
       from ai_edge_litert.interpreter import Interpreter
     except ImportError:
       return None
-    interpreter = Interpreter(model_content=model)
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
+    interpreter = Interpreter(**source, num_threads=threads)
+    interpreter.allocate_tensors()  # applies the XNNPACK delegate now, under the capture
     runner = interpreter.get_signature_runner(SIGNATURE)
+  details = runner.get_input_details()
+
+  def run(**inputs):
     return {k: np.asarray(v) for k, v in runner(**inputs).items()}
+
+  run.input_shape = tuple(int(d) for d in details[serving_lib.SERVING_INPUTS[0]]["shape"])
+  return run
+
+
+def run_litert(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """Runs `model`'s serving signature in the LiteRT interpreter; None without ai-edge-litert."""
+  run = litert_runner(model)
+  return None if run is None else run(**inputs)
 
 
 def export_litert(src: str, dst: str, *, head: str | None = None, seq_length: int | None = None,
@@ -111,7 +128,9 @@ def export_litert(src: str, dst: str, *, head: str | None = None, seq_length: in
 
   Args:
     src: a native checkpoint directory (`save_pretrained`, `convert import-hf`).
-    dst: the .tflite file; an existing one is refused unless `overwrite`.
+    dst: the .tflite file, or a model directory (any name not ending in .tflite) that gets
+      model.tflite, serving.json, the tokenizer files and a model card; an existing file or
+      non-empty directory is refused unless `overwrite`.
     head: the head to export (default: the checkpoint's own).
     seq_length: the fixed sequence length (default: min(128, max_position_embeddings)).
     batch_size: the fixed batch size.
@@ -129,7 +148,7 @@ def export_litert(src: str, dst: str, *, head: str | None = None, seq_length: in
   if batch_size is None:
     raise ExportError(f"{src}: LiteRT needs a fixed --batch-size (the converter cannot lower a "
                       "dynamic batch dimension)")
-  serving_lib.check_output(dst, overwrite)
+  target = serving_lib.export_target(dst, ".tflite", overwrite)
   _tensorflow(load=False)  # a missing dependency is reported before the checkpoint is read
   serving = serving_lib.load_serving(src, head, seq_length, batch_size)
   reference, batches, notes = serving, None, ()
@@ -141,9 +160,12 @@ def export_litert(src: str, dst: str, *, head: str | None = None, seq_length: in
   model = convert(serving, quantize, batches)
   example = batches[0] if batches else reference.example_inputs()  # int8: in-range inputs
   got = run_litert(model, example)
-  diff = serving_lib.check_and_write(src, dst, model, reference(**example), got, "LiteRT")
+  diff = serving_lib.check_and_write(src, target.model_path, model, reference(**example), got,
+                                     "LiteRT")
   shape = (serving.batch_size, serving.seq_length)
-  return ExportReport(path=os.fspath(dst), head=serving.head,
-                      inputs={k: shape for k in serving_lib.SERVING_INPUTS},
-                      outputs=serving.output_names, quantize=quantize, size_bytes=len(model),
-                      max_abs_diff=diff, notes=notes)
+  report = ExportReport(path=target.model_path, head=serving.head,
+                        inputs={k: shape for k in serving_lib.SERVING_INPUTS},
+                        outputs=serving.output_names, quantize=quantize, size_bytes=len(model),
+                        max_abs_diff=diff, notes=notes)
+  serving_lib.write_model_directory(target, reference, report, RUNTIME)
+  return report

@@ -10,7 +10,8 @@ onnxruntime (when installed) and compared with JAX on an example batch.
 
 from __future__ import annotations
 
-import os
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from mobilebert_jax.export.serving import ExportError, ExportReport, Serving
 # Opset 17 has LayerNormalization and runs on onnxruntime >= 1.14 (mobile builds included).
 DEFAULT_OPSET = 17
 DYNAMIC_BATCH = "batch"
+RUNTIME = "ONNX"
 
 
 def _libraries(load: bool = True):
@@ -71,17 +73,33 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(keep)
 
 
-def run_onnx(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-  """Runs `model` in onnxruntime on CPU; None without onnxruntime."""
+def onnx_runner(model: bytes | str, threads: int | None = None
+                ) -> Callable[..., dict[str, np.ndarray]] | None:
+  """`run(**inputs) -> outputs` of `model` (a .onnx file path or its bytes) in onnxruntime on
+  CPU with `threads` intra-op threads; None without onnxruntime. The runner's `input_shape` is
+  [batch, seq], the batch None where it is dynamic."""
   try:
     import onnxruntime as ort
   except ImportError:
     return None
   options = ort.SessionOptions()
   options.log_severity_level = 3  # errors only
+  if threads:
+    options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
   session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
   names = [o.name for o in session.get_outputs()]
-  return dict(zip(names, session.run(names, inputs)))
+
+  def run(**inputs):
+    return dict(zip(names, session.run(names, inputs)))
+
+  run.input_shape = tuple(d if isinstance(d, int) else None for d in session.get_inputs()[0].shape)
+  return run
+
+
+def run_onnx(model: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+  """Runs `model` in onnxruntime on CPU; None without onnxruntime."""
+  run = onnx_runner(model)
+  return None if run is None else run(**inputs)
 
 
 def export_onnx(src: str, dst: str, *, head: str | None = None, seq_length: int | None = None,
@@ -89,18 +107,22 @@ def export_onnx(src: str, dst: str, *, head: str | None = None, seq_length: int 
                 overwrite: bool = False) -> ExportReport:
   """Exports the native checkpoint `src` to the ONNX file `dst` (see the module docstring).
 
-  `batch_size` None keeps the batch dimension dynamic; the other arguments are as for
-  `export_litert`.
+  `batch_size` None keeps the batch dimension dynamic; `dst` is a .onnx file or a model
+  directory (model.onnx, serving.json, tokenizer files, model card); the other arguments are as
+  for `export_litert`.
   """
-  serving_lib.check_output(dst, overwrite)
+  target = serving_lib.export_target(dst, ".onnx", overwrite)
   _libraries(load=False)  # a missing dependency is reported before the checkpoint is read
   serving = serving_lib.load_serving(src, head, seq_length, batch_size)
   model = convert(serving, opset).SerializeToString()
   example = serving.example_inputs()
   got = run_onnx(model, example)
-  diff = serving_lib.check_and_write(src, dst, model, serving(**example), got, "ONNX")
+  diff = serving_lib.check_and_write(src, target.model_path, model, serving(**example), got,
+                                     RUNTIME)
   shape = (serving.batch_size or DYNAMIC_BATCH, serving.seq_length)
-  return ExportReport(path=os.fspath(dst), head=serving.head,
-                      inputs={k: shape for k in serving_lib.SERVING_INPUTS},
-                      outputs=serving.output_names, quantize="none", size_bytes=len(model),
-                      max_abs_diff=diff)
+  report = ExportReport(path=target.model_path, head=serving.head,
+                        inputs={k: shape for k in serving_lib.SERVING_INPUTS},
+                        outputs=serving.output_names, quantize="none", size_bytes=len(model),
+                        max_abs_diff=diff)
+  serving_lib.write_model_directory(target, serving, report, RUNTIME)
+  return report

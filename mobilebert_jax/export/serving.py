@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -36,7 +37,8 @@ from etils import epath
 
 from mobilebert_jax import pretrained
 from mobilebert_jax.interop import hf
-from mobilebert_jax.models import HEADS, ModelConfig, build_model, to_canonical_layout
+from mobilebert_jax.models import (HEADS, ModelConfig, build_model, num_params,
+                                   to_canonical_layout)
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +279,12 @@ def _tokenise_file(serving: Serving, path: str) -> dict[str, np.ndarray]:
   except (FileNotFoundError, ValueError) as e:
     raise ExportError(f"{serving.source}: cannot tokenise --calibration={path}: {e}") from e
   pairs = [line.split("\t", 1) for line in lines]
-  first = [p[0] for p in pairs]
-  second = [p[1] if len(p) > 1 else None for p in pairs]
-  encoded = tokenizer(first, second if any(second) else None, padding="max_length",
-                      truncation=True, max_length=serving.seq_length, return_tensors="np")
-  arrays = {k: np.asarray(encoded[k], np.int32) for k in SERVING_INPUTS}
+  try:
+    arrays = tokenization.encode_pairs(tokenizer, [p[0] for p in pairs],
+                                       [p[1] if len(p) > 1 else None for p in pairs],
+                                       serving.seq_length)
+  except ValueError as e:
+    raise ExportError(f"--calibration={path}: {e}") from e
   top = int(arrays["input_ids"].max())
   if top >= serving.config.vocab_size:
     raise ExportError(f"{serving.source}: its tokenizer gives id {top} for --calibration={path}, "
@@ -292,13 +295,68 @@ def _tokenise_file(serving: Serving, path: str) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # Output files.
 
-def check_output(dst: str, overwrite: bool) -> None:
-  """Raises if `dst` is a directory, or an existing file and `overwrite` is not set."""
+SERVING_FILE = "serving.json"
+SERVING_FORMAT = "mobilebert_jax-serving"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportTarget:
+  """Where an export goes: `model_path`, and `directory` when the export is a model directory
+  (the model file `model.<suffix>` + serving.json + tokenizer files + model card) rather than a
+  bare file."""
+  model_path: str
+  directory: str | None
+
+
+def export_target(dst: str, suffix: str, overwrite: bool) -> ExportTarget:
+  """`dst` ending in `suffix` (".tflite", ".onnx") is a bare model file; anything else a model
+  directory. Raises if the output exists (a file, or a directory that is not empty) and
+  `overwrite` is not set, or if a file name names a directory."""
   path = epath.Path(dst)
-  if path.is_dir():
-    raise ExportError(f"{dst}: the output is a directory; give a file name")
-  if path.exists() and not overwrite:
-    raise ExportError(f"{dst}: the output file exists; pass --overwrite to replace it")
+  if str(dst).endswith(suffix):
+    if path.is_dir():
+      raise ExportError(f"{dst}: the output is a directory; give a file name")
+    if path.exists() and not overwrite:
+      raise ExportError(f"{dst}: the output file exists; pass --overwrite to replace it")
+    return ExportTarget(model_path=os.fspath(dst), directory=None)
+  if path.exists() and not path.is_dir():
+    raise ExportError(f"{dst}: exists and is not a directory; a model file name ends in {suffix}")
+  if path.is_dir() and any(True for _ in path.iterdir()) and not overwrite:
+    raise ExportError(f"{dst}: the output directory is not empty; pass --overwrite to write "
+                      "into it anyway")
+  return ExportTarget(model_path=os.path.join(os.fspath(dst), "model" + suffix),
+                      directory=os.fspath(dst))
+
+
+def write_model_directory(target: ExportTarget, serving: Serving, report: "ExportReport",
+                          runtime: str) -> None:
+  """Writes serving.json (the signature, label names, quantization and parity, the source's
+  metadata), the tokenizer files and the model card beside an exported model file."""
+  if target.directory is None:
+    return
+  from mobilebert_jax import model_files
+  meta = dict(pretrained.read_native_meta(serving.source), head=serving.head)
+  description = {
+      "format": SERVING_FORMAT, "version": 1, "runtime": runtime,
+      "model_file": os.path.basename(target.model_path), "head": serving.head,
+      "inputs": {k: list(v) for k, v in report.inputs.items()},
+      "outputs": list(report.outputs), "seq_length": serving.seq_length,
+      "batch_size": serving.batch_size, "quantize": report.quantize,
+      "max_abs_diff_vs_jax": report.max_abs_diff, "notes": list(report.notes),
+      "source": serving.source, "model": meta["model"]}
+  if serving.head in pretrained.LABELLED_HEADS:
+    description["id2label"] = model_files.id2label(
+        model_files.label_names(meta, serving.config.num_labels), serving.config.num_labels)
+  epath.Path(target.directory, SERVING_FILE).write_text(
+      json.dumps(description, indent=2, sort_keys=True))
+  shape = "x".join(str(d) for d in next(iter(report.inputs.values())))
+  model_file = description["model_file"]
+  model_files.write_companions(
+      target.directory, meta, tokenizer_dir=serving.source,
+      num_params=num_params(serving.params),
+      details=[("format", f"{runtime} ({model_file}, quantize={report.quantize}), int32 inputs "
+                f"[{shape}], max |diff| vs JAX {report.max_abs_diff}")],
+      usage=(f"python -m mobilebert_jax.predict THIS_DIR --input=sentences.txt   # {runtime}",))
 
 
 def write_atomically(dst: str, data: bytes) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -111,12 +111,15 @@ def _num_labels(hf: Mapping) -> int:
   return hf.get("num_labels", 2)
 
 
-def config_to_hf(config: ModelConfig, head: str) -> dict:
-  """The transformers config dict for `config` with `head`; errors for unexpressible models."""
+def config_to_hf(config: ModelConfig, head: str, labels: Sequence[str] | None = None) -> dict:
+  """The transformers config dict for `config` with `head` (`labels`: the names of a
+  classification or tagging head's outputs); errors for unexpressible models."""
   check_exportable(config)
   arch = _CLASS_PREFIX[config.model_type] + _ARCHITECTURE_SUFFIX[head]
   # transformers sizes the span head by num_labels; this project's span head is start/end.
   num_labels = 2 if head == "question_answering" else config.num_labels
+  names = list(labels) if labels and len(labels) == num_labels else [
+      f"LABEL_{i}" for i in range(num_labels)]
   hf = dict(
       architectures=[arch],
       model_type=config.model_type,
@@ -135,8 +138,8 @@ def config_to_hf(config: ModelConfig, head: str) -> dict:
       pad_token_id=config.pad_token_id,
       classifier_dropout=config.classifier_dropout,
       tie_word_embeddings=True,
-      id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
-      label2id={f"LABEL_{i}": i for i in range(num_labels)},
+      id2label={str(i): name for i, name in enumerate(names)},
+      label2id={name: i for i, name in enumerate(names)},
   )
   if config.model_type == "mobilebert":
     hf.update(
@@ -445,10 +448,10 @@ def strip_base_prefix(state: dict, config: ModelConfig, head: str) -> dict:
 
 
 def write_hf_dir(path: str, config: ModelConfig, head: str, params: Mapping,
-                 tokenizer_dir: str | None = None) -> None:
+                 tokenizer_dir: str | None = None, labels: Sequence[str] | None = None) -> None:
   """Writes config.json + model.safetensors (+ tokenizer files) loadable by transformers."""
   from safetensors.numpy import save_file
-  hf_config = config_to_hf(config, head)
+  hf_config = config_to_hf(config, head, labels)
   state = params_to_state(params, config, head)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:

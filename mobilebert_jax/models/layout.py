@@ -124,3 +124,8 @@ def _leading_dim(x: Any) -> int | None:
   value = x.value if _is_box(x) else x
   shape = tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
   return shape[0] if shape else None
+
+
+def num_params(tree: Any) -> int:
+  """Number of scalars in a parameter tree (either layout)."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))

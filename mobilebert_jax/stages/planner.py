@@ -190,11 +190,11 @@ def plan(config: ml_collections.ConfigDict, devices=None) -> Plan:
     mesh = sharding.create_mesh(dict(resolved.mesh), devices)
   except ValueError as e:
     raise PlanError(f"config.mesh: {e}") from None
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_shards = sharding.batch_shards(mesh)
   if int(resolved.data.batch_size) % batch_shards:
     raise PlanError(f"config.data.batch_size={resolved.data.batch_size} does not split over the "
-                    f"mesh's data x fsdp = {batch_shards} devices (mesh {dict(mesh.shape)}): use "
-                    f"a multiple of {batch_shards}")
+                    f"mesh's {' x '.join(sharding.BATCH_AXES)} = {batch_shards} devices (mesh "
+                    f"{dict(mesh.shape)}): use a multiple of {batch_shards}")
   if resolved.data.batch_size % jax.process_count():
     raise PlanError(f"config.data.batch_size={resolved.data.batch_size} does not split over "
                     f"{jax.process_count()} processes")

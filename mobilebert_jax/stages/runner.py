@@ -29,16 +29,16 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mobilebert_jax import pretrained
+from mobilebert_jax import model_files, pretrained
 from mobilebert_jax.data import DataConfig, PretrainingDataset, ensure_prepared, sample_vocab_path
 from mobilebert_jax.distill import etd
 from mobilebert_jax.downstream import augmentation, get_task
 from mobilebert_jax.downstream.finetune_data import GlueDataset, SquadDataset, TaggingDataset
-from mobilebert_jax.models import build_model, to_canonical_layout, to_model_layout
+from mobilebert_jax.models import build_model, num_params, to_canonical_layout, to_model_layout
 from mobilebert_jax.parallel import sharding
 from mobilebert_jax.stages.planner import (Plan, PlannedStage, optimizer_config, plan,
                                            stage_length)
-from mobilebert_jax.training import core, operations
+from mobilebert_jax.training import core, goodput, operations
 from mobilebert_jax.training import optimizer as optim
 from mobilebert_jax.training.context import (EvalContext, Evaluation, LossContext, RoleState,
                                              StageEnv)
@@ -47,10 +47,32 @@ from mobilebert_jax.training.metrics import CONFIG_FILE, MetricsWriter, flatten_
 log = logging.getLogger("mobilebert_jax")
 PREPARED_DATA_DIR = "prepared_data"
 RESULTS_FILE = "eval_results.json"
+# The training-cost entries `training_cost` adds to a stage's evaluation (`<stage><suffix>`).
+TRAINING_COST_KEYS = ("_num_params", "_train_steps", "_train_flops")
 # Keys that change how a run is operated, not what it trains: a rerun may change them freely.
 OPERATIONAL_KEYS = ("allow_config_change", "log_every_steps", "checkpoint.", "data.num_workers",
                     "data.worker_buffer_size", "data.prepare_workers", "mesh.", "logical_rules",
-                    "compilation_cache_dir")
+                    "compilation_cache_dir", "peak_tflops", "profile")
+
+
+def profile_steps(value: str, stage: str) -> tuple[int, int] | None:
+  """The steps [start, stop) of `stage` that `config.profile` ("START:STOP" or
+  "STAGE:START:STOP", "" = none) asks to trace; raises naming the value if malformed."""
+  if not value:
+    return None
+  parts = str(value).split(":")
+  if len(parts) == 3:
+    if parts[0] != stage:
+      return None
+    parts = parts[1:]
+  try:
+    start, stop = (int(p) for p in parts)
+  except ValueError:
+    start = stop = -1
+  if len(parts) != 2 or not 0 <= start < stop:
+    raise ValueError(f"config.profile={value!r}: expected START:STOP or STAGE:START:STOP with "
+                     "0 <= START < STOP")
+  return start, stop
 
 
 class ConfigChangedError(ValueError):
@@ -77,12 +99,16 @@ class Trainer:
     self.config = self.plan.config
     self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     operations.use_compilation_cache(self.config.compilation_cache_dir, self.workdir)
+    profile_steps(self.config.profile, "")  # a malformed value fails before any compute
     self.mesh, self.rules, self.dtype = self.plan.mesh, self.plan.rules, self.plan.dtype
     self.primary = jax.process_index() == 0
     self.writer = MetricsWriter(self.workdir, enabled=self.primary)
     self.stop = core.StopRequest()
     self.stopped = False  # a stop signal ended `run` early (`stop.report()` says where)
     self.roles = {role: RoleState(cfg) for role, cfg in self.plan.model_configs.items()}
+    # What each role's model went through, for its metadata and model card: the stages that
+    # trained it ({name, strategy, steps}), their dev metrics and its label names.
+    self.lineage = {role: {"stages": [], "metrics": {}, "labels": None} for role in self.roles}
     self._prepared_dir: str | None = None
     self._load_checkpoints()
     first = self.plan.stages[0]  # data: files, emptiness and vocabulary, before any compile
@@ -210,6 +236,7 @@ class Trainer:
                     history)
     if self.primary:
       self.writer.write_config(self.config)
+      operations.record_environment(self.workdir)
 
   def run(self) -> dict[str, str]:
     """Runs every stage; returns {role: directory of its final model} (and "architectures").
@@ -255,10 +282,18 @@ class Trainer:
 
   def export_role(self, planned: PlannedStage) -> str:
     path = os.path.join(self.workdir, planned.role)
-    state = self.roles[planned.role]
-    pretrained.save_pretrained(path, state.config, state.params, state.head,
-                               tokenizer_dir=self.tokenizer_dir(), extra={"stage": planned.name})
+    self.save_model(path, planned.role, planned.name)
     return path
+
+  def save_model(self, path: str, role: str, stage: str, **extra) -> None:
+    """Writes `role`'s latest model as a native directory, with its lineage (stages, dev
+    metrics, label names) in the metadata and model card."""
+    state, lineage = self.roles[role], self.lineage[role]
+    pretrained.save_pretrained(
+        path, state.config, state.params, state.head, tokenizer_dir=self.tokenizer_dir(),
+        extra={"stage": stage, "stages": lineage["stages"], "metrics": lineage["metrics"],
+               **extra},
+        labels=lineage["labels"] if state.head in pretrained.LABELLED_HEADS else None)
 
   def stage_env(self, planned: PlannedStage) -> StageEnv:
     return StageEnv(
@@ -272,12 +307,17 @@ class Trainer:
 
   def train_loop(self, name, num_steps, step_fn, state, dataset, checkpointer, batch_sharding,
                  **kwargs):
-    """`core.train_loop` with this run's writer, stop signal and logging interval."""
+    """`core.train_loop` with this run's writer, stop signal, logging interval, device peak
+    (for MFU, with `flops_per_step` from the caller) and profiled steps."""
+    profile = profile_steps(self.config.profile, name)
     return core.train_loop(
         name, num_steps, step_fn, state, dataset, checkpointer, batch_sharding,
         writer=self.writer, stop=self.stop, log_every=int(self.config.log_every_steps),
         tokens_per_step=dataset.global_batch_size * int(self.config.data.max_seq_length),
-        **kwargs)
+        peak_tflops=goodput.peak_tflops(self.mesh.devices.flat[0],
+                                        float(self.config.peak_tflops)),
+        num_devices=int(self.mesh.size), profile=profile,
+        profile_dir=os.path.join(self.workdir, name) if profile else None, **kwargs)
 
   def run_stage(self, planned: PlannedStage) -> bool:
     """Trains one stage to its end (True) or until a stop signal (False)."""
@@ -289,6 +329,10 @@ class Trainer:
       log.info("stage %r already finished; loading %s", name, final_dir)
       config, head, params = pretrained.read_checkpoint(final_dir)
       self.roles[role] = RoleState(config, head, params)
+      meta = pretrained.read_native_meta(final_dir)
+      self.lineage[role] = {"stages": meta.get("stages", []), "metrics": meta.get("metrics", {}),
+                            "labels": (model_files.label_names(meta, config.num_labels)
+                                       if "id2label" in meta else None)}
       return True
 
     dataset = self.dataset_for(planned)
@@ -324,9 +368,16 @@ class Trainer:
       params["model"] = to_model_layout(params["model"], model_cfg)
       state = built.init_state(core.put_global(params, built.shardings.params), built.rng)
 
+    masked = (int(self.config.data.max_predictions_per_seq)
+              if spec.head in ("pretraining", "masked_lm") else 0)
+    flops = goodput.train_step_flops(
+        (model_cfg, built.abstract_state.params["model"]),
+        (self.roles["teacher"].config, built.teacher_params) if built.teacher_params else None,
+        batch=dataset.global_batch_size, length=int(self.config.data.max_seq_length),
+        masked_per_sequence=masked)
     try:
       state = self.train_loop(name, int(stage.num_steps), built.step_fn, state, dataset,
-                              checkpointer, built.batch_sharding,
+                              checkpointer, built.batch_sharding, flops_per_step=flops,
                               context=lambda: built.teacher_params,
                               after_step=(functools.partial(spec.after_step, built.ctx)
                                           if spec.after_step else None))
@@ -338,6 +389,11 @@ class Trainer:
                         to_canonical_layout(core.to_host(state.params["model"]), model_cfg),
                         core.to_host(state.params["aux"]))
     self.roles[role] = trained
+    lineage = self.lineage[role]
+    lineage["stages"] = lineage["stages"] + [
+        {"name": name, "strategy": spec.name, "steps": int(stage.num_steps)}]
+    if getattr(dataset, "label_names", None) is not None:
+      lineage["labels"] = list(dataset.label_names)
     if spec.evaluate is not None:  # before the final model: a stage is done once evaluated
       result = spec.evaluate(EvalContext(
           stage=stage, config=self.config, model=built.ctx.model, params=trained.params,
@@ -346,11 +402,11 @@ class Trainer:
       result.metrics.update(self.training_cost(planned, built, dataset, int(stage.num_steps),
                                                trained.params))
       self.write_evaluation(planned, int(stage.num_steps), result)
+      lineage["metrics"] = {**lineage["metrics"], **{
+          k: v for k, v in result.metrics.items() if not k.endswith(TRAINING_COST_KEYS)}}
     if spec.save_aux is not None and self.primary:
       spec.save_aux(trained.aux, final_dir)
-    pretrained.save_pretrained(final_dir, trained.config, trained.params, trained.head,
-                               tokenizer_dir=self.tokenizer_dir(),
-                               extra={"stage": name, "strategy": spec.name})  # marks it done
+    self.save_model(final_dir, role, name, strategy=spec.name)  # marks the stage done
     return True
 
   def training_cost(self, planned: PlannedStage, built: "BuiltStage", dataset, num_steps: int,
@@ -359,15 +415,15 @@ class Trainer:
     one compiled train step, all devices, x the steps; absent where the backend has none): the
     cost side of an accuracy-per-compute comparison."""
     name = planned.name
-    cost = {f"{name}_num_params": float(core.num_params(params)),
-            f"{name}_train_steps": float(num_steps)}
+    params_key, steps_key, flops_key = (name + suffix for suffix in TRAINING_COST_KEYS)
+    cost = {params_key: float(num_params(params)), steps_key: float(num_steps)}
     local = {k: v for k, v in dataset.arrays.items()}
     batch = {k: jax.ShapeDtypeStruct((dataset.global_batch_size,) + np.shape(v)[1:],
                                      np.asarray(v).dtype, sharding=built.batch_sharding)
              for k, v in local.items()}
     flops = core.step_flops(built.step_fn, built.abstract_state, built.teacher_params, batch)
     if flops is not None:
-      cost[f"{name}_train_flops"] = flops * num_steps
+      cost[flops_key] = flops * num_steps
     return cost
 
   def predictor(self, built: "BuiltStage", forward, params, model=None):

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from mobilebert_jax.data.prefetch import prefetch_to_device
 from mobilebert_jax.parallel import sharding
+from mobilebert_jax.training import goodput
 from mobilebert_jax.training.checkpointing import Checkpointer
 from mobilebert_jax.training.metrics import MetricsWriter, Throughput
 
@@ -240,9 +241,17 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
                batch_sharding, *, context: Callable[[], Any], writer: MetricsWriter,
                stop: StopRequest, log_every: int, tokens_per_step: int,
                after_step: Callable[[int, Any], None] | None = None,
-               extra: Callable[[], dict] | None = None):
+               extra: Callable[[], dict] | None = None, flops_per_step: float | None = None,
+               peak_tflops: float | None = None, num_devices: int = 1,
+               profile: tuple[int, int] | None = None, profile_dir: str | None = None):
   """Feeds batches to `step_fn(state, context(), batch)` up to `num_steps`, logging every
   `log_every` steps and checkpointing (with the data position) on the way.
+
+  Every log line carries steps/s, tokens/s and tokens/s per device (`num_devices`), the model
+  FLOPs utilisation when `flops_per_step` (model FLOPs of one global step) and `peak_tflops`
+  (per device) are known, and the fractions of wall time spent in steps, waiting for data,
+  checkpointing and compiling (`goodput`). `profile` = (start, stop) captures a jax.profiler
+  trace of steps [start, stop) into `profile_dir` (TensorBoard's profile plugin reads it).
 
   Returns the final state, or None when a stop signal ended the run (after saving a checkpoint
   to resume from, recorded in `stop.saved`). A non-finite metric raises `TrainingDivergedError`
@@ -254,7 +263,9 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
   pending: list[tuple[int, Any]] = []
   start = int(state.step)
   throughput = Throughput(start_step=start, total_steps=num_steps)
+  clock = goodput.WallClock()
   prefetcher = prefetch_to_device(dataset, size=2, sharding=batch_sharding)
+  tracing = False
 
   def check_pending() -> tuple[int, dict] | None:
     last = None
@@ -272,38 +283,62 @@ def train_loop(name: str, num_steps: int, step_fn, state, dataset, checkpointer:
 
   def save(step, force=False):
     values = dict(extra() if extra is not None else {}, data=prefetcher.state(), stage=name)
-    checkpointer.save(step, state, values, force=force)
+    with clock.measure("checkpoint"):
+      checkpointer.save(step, state, values, force=force)
+
+  def log_line(done, host_metrics):
+    scalars = {k: float(np.asarray(v)) for k, v in host_metrics.items()}
+    rates = throughput.update(done, tokens_per_step)
+    scalars.update(rates, total_steps=num_steps)
+    scalars.update(goodput.utilisation(
+        rates["steps_per_sec"], flops_per_step=flops_per_step, peak=peak_tflops,
+        tokens_per_sec=rates["tokens_per_sec"], num_devices=num_devices))
+    scalars.update(clock.fractions())
+    writer.write(done, scalars, stage=name)
 
   try:
     if start < num_steps and stop.agreed():  # signalled while the stage was built: no step
       stop.saved = (name, checkpointer.latest_step(), checkpointer.directory)
       return None
     for step in range(start, num_steps):
-      batch = next(prefetcher)
-      state, metrics = step_fn(state, context(), batch)
+      if profile is not None and step == profile[0]:
+        jax.profiler.start_trace(profile_dir)
+        tracing = True
+      with clock.measure("data"):
+        batch = next(prefetcher)
+      with clock.measure("compile") if step == start else contextlib.nullcontext():
+        state, metrics = step_fn(state, context(), batch)  # the first call compiles
       pending.append((step + 1, metrics))
       done = step + 1
       if after_step is not None:
         after_step(done, state)
-      checkpointer.check_save()  # a failed background save stops the run here
+      with clock.measure("checkpoint"):
+        checkpointer.check_save()  # a failed background save stops the run here
       stopping = stop.agreed()
+      if tracing and (done >= profile[1] or stopping or done == num_steps):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        log.info("stage %r: profiled steps %d-%d into %s", name, profile[0], done - 1,
+                 profile_dir)
       if done % log_every == 0 or done == num_steps or stopping:
         last = check_pending()
         if last is not None:
-          scalars = {k: float(np.asarray(v)) for k, v in last[1].items()}
-          scalars.update(throughput.update(done, tokens_per_step), total_steps=num_steps)
-          writer.write(done, scalars, stage=name)
+          log_line(done, last[1])
       if checkpointer.should_save(done) or stopping:
         check_pending()
         save(done, force=stopping)
       if stopping and done < num_steps:
-        checkpointer.wait_until_finished()
+        with clock.measure("checkpoint"):
+          checkpointer.wait_until_finished()
         stop.saved = (name, done, checkpointer.directory)
         return None
     check_pending()
     save(num_steps, force=True)
     checkpointer.wait_until_finished()
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     prefetcher.close()
     if hasattr(dataset, "close"):  # stops grain's worker processes
       dataset.close()
@@ -331,11 +366,6 @@ def step_flops(step_fn, *args) -> float | None:
   devices = max((len(x.sharding.device_set) for x in jax.tree.leaves(args)
                  if getattr(x, "sharding", None) is not None), default=1)
   return float(flops) * devices
-
-
-def num_params(tree: Any) -> int:
-  """Number of scalars in a parameter tree."""
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -8,6 +8,10 @@
   use_compilation_cache   JAX's persistent compilation cache in `<workdir>/compilation_cache` (or
                           `config.compilation_cache_dir`; "none": off), so a restarted run loads
                           its compiled steps instead of compiling them again.
+  record_environment      `<workdir>/environment.json`: the installed versions of the packages
+                          that decide the numerics (jax, jaxlib, libtpu, flax, optax, orbax, ...),
+                          Python, the backend and devices, one entry per start; a restart on
+                          other versions is logged with what changed.
 
 Exit statuses of `mobilebert_jax.main`: 0 done, 1 an error (one line where it is a known fault:
 a workdir in use, a checkpoint that cannot be saved or restored), 2 a bad config, 75 stopped by a
@@ -301,3 +305,58 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   log.info("compilation cache: %s", path)
   return path
+
+
+ENVIRONMENT_FILE = "environment.json"
+# Distributions whose versions decide what a run computes (those not installed are left out).
+RECORDED_PACKAGES = ("jax", "jaxlib", "libtpu", "libtpu-nightly", "jax-cuda12-plugin",
+                     "jax-cuda12-pjrt", "flax", "optax", "orbax-checkpoint", "grain",
+                     "array-record", "numpy", "transformers", "tokenizers", "ml-collections",
+                     "tensorflow-cpu", "tensorflow", "mobilebert_jax")
+
+
+def installed_versions() -> dict[str, str]:
+  """{distribution: version} of `RECORDED_PACKAGES` that are installed."""
+  from importlib import metadata
+  versions = {}
+  for name in RECORDED_PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def record_environment(workdir: str) -> list[str]:
+  """Appends this start's environment (package versions, Python, backend, device kind and
+  count, processes) to `<workdir>/environment.json`; returns the version changes since the
+  previous start (`name: old -> new`), which are logged as a warning. Process 0 only."""
+  if jax.process_index() != 0:
+    return []
+  devices = jax.devices()
+  entry = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": socket.gethostname(), "python": sys.version.split()[0],
+           "packages": installed_versions(), "backend": jax.default_backend(),
+           "device_kind": devices[0].device_kind, "devices": len(devices),
+           "processes": jax.process_count()}
+  path = epath.Path(workdir, ENVIRONMENT_FILE)
+  history = []
+  if path.exists():
+    try:
+      history = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      log.warning("%s is not valid JSON; starting a new record", path)
+  if not isinstance(history, list):
+    history = []
+  changes = []
+  if history:
+    before = dict(history[-1].get("packages", {}), python=history[-1].get("python"))
+    now = dict(entry["packages"], python=entry["python"])
+    changes = [f"{k}: {before.get(k, '<absent>')} -> {now.get(k, '<absent>')}"
+               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+  if changes:
+    log.warning("this workdir's previous run used other versions (%s): results may differ from "
+                "an uninterrupted run; pin them with launch/constraints/", "; ".join(changes))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(history + [entry], indent=2))
+  return changes
