@@ -84,6 +84,10 @@ def case_config(case: str, batch: int, length: int, remat: str = "none"):
   c[case] = ml_collections.ConfigDict(dict(
       strategy=strategy, model=role, num_steps=1000,
       optimizer=default_config.optimizer(1e-4, 10)))
+  if strategy == "pkt":  # PKT's plan requires the release's constant base rate
+    c[case].optimizer.schedule = "constant"
+  # No persistent cache: the workdir is temporary, and memory analysis needs a fresh compile.
+  c.compilation_cache_dir = "none"
   return c
 
 

@@ -118,8 +118,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if trainer.stopped:  # not the summary: the models in the workdir may be an earlier stage's
-    if jax.process_index() == 0:
-      print(trainer.stop.report())
+    print(trainer.stop.report())  # on every process: each worker's log says where it stopped
     sys.exit(EXIT_STOPPED)
   if jax.process_index() == 0:
     print(closing_summary(FLAGS.workdir, outputs))

@@ -19,6 +19,8 @@ MODEL_TYPES = ("mobilebert", "bert")
 # What a rematerialised layer keeps from its forward pass (`jax.checkpoint_policies` names):
 # nothing (recompute the whole layer), or the matmul outputs (recompute only element-wise ops).
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Storage of the attention probabilities (`ModelConfig.attention_probs_dtype`).
+ATTENTION_PROBS_DTYPES = ("float32", "bfloat16")
 # NAS-BERT layer ops (`ModelConfig.layer_ops`): "mha<heads>", "ffn<inner size>",
 # "conv<kernel>" (separable convolution, odd kernel) and "identity".
 OP_KINDS = ("mha", "ffn", "conv", "identity")
@@ -64,6 +66,14 @@ class ModelConfig:
       recomputes the whole layer (least memory), ``dots_saveable`` keeps every matmul output
       (recomputes only activations and norms), ``dots_with_no_batch_dims_saveable`` keeps the
       weight matmuls but recomputes the attention score/context products.
+    attention_probs_dtype: how the attention probabilities are kept; the softmax always runs
+      in float32. ``float32``: its float32 output is what the softmax gradient uses, and the
+      probs x values product reads it cast to the compute dtype (the original numerics).
+      ``bfloat16``: the probabilities are rounded to bfloat16 once, and that one array is what
+      the product reads (with the values cast to bfloat16 and the compute dtype's
+      accumulation), what the attention losses see and all the backward pass keeps: 2 bytes
+      per probability instead of 4 (float32 compute) or 6 (bfloat16 compute: the float32
+      output and its cast). In bfloat16 compute only the softmax gradient changes.
     layer_ops: a NAS-BERT architecture: one op per layer ("mha<heads>", "ffn<inner>",
       "conv<kernel>", "identity"), each a residual block with a post-LayerNorm at
       ``hidden_size``, in place of the transformer layers; empty for the usual layers. Needs
@@ -100,6 +110,7 @@ class ModelConfig:
   initializer_range: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  attention_probs_dtype: str = "float32"
   layer_ops: tuple[str, ...] = ()
   scan_layers: bool = False
 
@@ -112,6 +123,7 @@ class ModelConfig:
     _check_choice("attention_input", self.attention_input, ATTENTION_INPUTS)
     _check_choice("model_type", self.model_type, MODEL_TYPES)
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("attention_probs_dtype", self.attention_probs_dtype, ATTENTION_PROBS_DTYPES)
     for name in ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
                  "num_heads", "intermediate_size", "num_ffn", "max_position_embeddings",
                  "type_vocab_size"):

@@ -81,7 +81,7 @@ class Attention(nn.Module):
     v = layers.dense(heads, (self.value_axis,), ("heads", "kv"), name="value", **kw)(v_in)
     context, probs, scores = layers.dot_product_attention(
         q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-        dtype=self.dtype)
+        dtype=self.dtype, probs_dtype=cfg.attention_probs_dtype)
     out = layers.dense(cfg.intra_size, ("heads", "kv"), ("intra",), axis=(-2, -1), name="output",
                        **kw)(context)
     if not cfg.use_bottleneck:

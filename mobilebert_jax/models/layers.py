@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import functools
 import math
 
 import flax.linen as nn
@@ -105,15 +106,47 @@ def norm(kind: str, axis_name: str, *, name: str, dtype: Dtype, param_dtype: Dty
 
 
 def dot_product_attention(q, k, v, mask, *, dropout_rate: float, deterministic: bool,
-                          dtype: Dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          dtype: Dtype, probs_dtype: str = "float32"
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Scaled dot-product attention over [B, L, heads, head_dim] inputs and a [B, L] key mask.
 
-  Softmax in float32. Returns (context [B, L, heads, head_dim], probabilities [B, H, L, L],
-  masked scores [B, H, L, L]). Call inside a compact module (attention dropout is a submodule).
+  Softmax in float32; `probs_dtype` is `ModelConfig.attention_probs_dtype` (how the
+  probabilities are kept). Returns (context [B, L, heads, head_dim], probabilities
+  [B, H, L, L], masked scores [B, H, L, L]). Call inside a compact module (attention dropout
+  is a submodule).
   """
   scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), dtype)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
   scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+  if probs_dtype == "float32":  # the original numerics
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+    values, product = v, {}
+  else:  # one rounded array, read by the product in its dtype
+    probs = rounded_softmax(scores.astype(jnp.float32), jnp.dtype(probs_dtype))
+    values, product = v.astype(probs.dtype), {"preferred_element_type": dtype}
   dropped = nn.Dropout(dropout_rate)(probs, deterministic=deterministic)
-  return jnp.einsum("bhqk,bkhd->bqhd", dropped, v), probs, scores
+  return jnp.einsum("bhqk,bkhd->bqhd", dropped, values, **product), probs, scores
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def rounded_softmax(scores: jax.Array, dtype: Dtype) -> jax.Array:
+  """Softmax over the last axis of float32 `scores`, rounded to `dtype`.
+
+  The backward pass keeps only the rounded output y and computes the float32 gradient
+  y * (g - sum(g * y)) from it, so no float32 copy of the probabilities stays alive.
+  """
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _rounded_softmax_forward(scores, dtype):
+  probs = rounded_softmax(scores, dtype)
+  return probs, probs
+
+
+def _rounded_softmax_backward(dtype, probs, grad):
+  del dtype
+  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
+
+
+rounded_softmax.defvjp(_rounded_softmax_forward, _rounded_softmax_backward)

@@ -73,7 +73,7 @@ class NasLayer(nn.Module):
       v = split(layers.dense(width, ("embed",), ("heads",), name="value", **kw)(hidden))
       context, probs, scores = layers.dot_product_attention(
           q, k, v, mask, dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-          dtype=self.dtype)
+          dtype=self.dtype, probs_dtype=cfg.attention_probs_dtype)
       context = context.reshape(hidden.shape)
       out = layers.dense(width, ("heads",), ("embed",), name="output", **kw)(context)
     elif kind == "ffn":

@@ -37,6 +37,15 @@ GLOBAL_BLOCKS = ("data", "squad_data", "tagging_data", "augmentation", "robustne
 # The architecture fields a teacher checkpoint must share with config.teacher.
 SIZE_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "intra_size", "num_layers",
                "num_heads", "intermediate_size", "num_ffn", "attention_input")
+# How a model is computed, not what it is: these come from the run's config.teacher /
+# config.student block even when the weights (and the rest of the architecture) come from a
+# checkpoint, which records whatever the run that wrote it used.
+EXECUTION_FIELDS = ("remat", "remat_policy", "scan_layers", "attention_probs_dtype")
+
+
+def with_execution_fields(loaded: ModelConfig, configured: ModelConfig) -> ModelConfig:
+  """`loaded` (a checkpoint's architecture) computed as `configured` says (`EXECUTION_FIELDS`)."""
+  return loaded.replace(**{f: getattr(configured, f) for f in EXECUTION_FIELDS})
 
 
 class PlanError(ValueError):
@@ -172,7 +181,7 @@ def _teacher_config(config) -> ModelConfig:
     raise PlanError(f"teacher checkpoint {path} does not match config.teacher ({detail}); pass "
                     f"{fixes}, or --config.check_teacher_config=False to take the checkpoint's "
                     "architecture")
-  return loaded
+  return with_execution_fields(loaded, configured)
 
 
 def plan(config: ml_collections.ConfigDict, devices=None) -> Plan:
@@ -205,8 +214,8 @@ def plan(config: ml_collections.ConfigDict, devices=None) -> Plan:
     resolved[name] = block
     stages.append(PlannedStage(name, index, spec, block.model, block))
 
-  configs = {"teacher": _teacher_config(resolved),
-             "student": model_config(resolved.student, "config.student")}
+  configured_student = model_config(resolved.student, "config.student")
+  configs = {"teacher": _teacher_config(resolved), "student": configured_student}
   downstream = [s for s in stages if s.spec.downstream]
   glue = [s for s in downstream if s.spec.data == "glue"]
   if glue:
@@ -217,12 +226,14 @@ def plan(config: ml_collections.ConfigDict, devices=None) -> Plan:
   if any(s.spec.data == "tagging" for s in stages):
     check_tagging(resolved.tagging_data)
   if downstream and resolved.init_checkpoint:
-    configs["student"] = _checkpoint_config(resolved.init_checkpoint, "config.init_checkpoint")
+    configs["student"] = with_execution_fields(
+        _checkpoint_config(resolved.init_checkpoint, "config.init_checkpoint"), configured_student)
   if downstream and downstream[0].spec.name == "finetune":
     configs["student"] = configs["student"].replace(num_labels=task.num_labels)
   if resolved.student_checkpoint:  # the student's architecture is the checkpoint's (e.g. NAS)
-    configs["student"] = _checkpoint_config(resolved.student_checkpoint,
-                                            "config.student_checkpoint")
+    configs["student"] = with_execution_fields(
+        _checkpoint_config(resolved.student_checkpoint, "config.student_checkpoint"),
+        configured_student)
 
   has_teacher = bool(resolved.teacher_checkpoint)
   has_student = bool(resolved.student_checkpoint) or bool(downstream and

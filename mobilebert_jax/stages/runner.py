@@ -37,6 +37,7 @@ from mobilebert_jax.downstream.finetune_data import GlueDataset, SquadDataset, T
 from mobilebert_jax.models import build_model, num_params, to_canonical_layout, to_model_layout
 from mobilebert_jax.parallel import sharding
 from mobilebert_jax.stages.planner import (Plan, PlannedStage, optimizer_config, plan,
+                                           with_execution_fields,
                                            stage_length)
 from mobilebert_jax.training import core, goodput, operations
 from mobilebert_jax.training import optimizer as optim
@@ -121,6 +122,7 @@ class Trainer:
     cfg = self.config
     if cfg.teacher_checkpoint:
       config, head, params = pretrained.read_checkpoint(cfg.teacher_checkpoint)
+      config = with_execution_fields(config, self.plan.model_configs["teacher"])
       self.roles["teacher"] = RoleState(config, head, params)
       if any(s.spec.data == "glue" for s in self.plan.stages) and head == "classification":
         task = get_task(cfg.task)
@@ -133,8 +135,9 @@ class Trainer:
       num_labels = get_task(cfg.task).num_labels if spec.name == "finetune" else None
       model, params = pretrained.load_pretrained(cfg.init_checkpoint, spec.head,
                                                  num_labels=num_labels)
+      student = with_execution_fields(model.config, self.plan.model_configs["student"])
       self.roles["student"] = RoleState(
-          model.config, spec.head, to_canonical_layout(core.to_host(params), model.config))
+          student, spec.head, to_canonical_layout(core.to_host(params), model.config))
 
   # -- data ---------------------------------------------------------------------
 

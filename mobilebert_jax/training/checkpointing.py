@@ -130,6 +130,21 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
   return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+class _ManagerWithoutPreemptionChecks(ocp.CheckpointManager):
+  """orbax's CheckpointManager, minus its own look at jax's preemption sync point.
+
+  The sync point is one agreement per run, keyed by a counter each process passes; the
+  training loop agrees its stop there (`core.StopRequest`) with its own counter and then saves
+  with `force`. Were orbax to ask too, with its step numbers, the two counters would interleave
+  and the processes could disagree on the step (a stop never seen, or one process saving alone
+  until the save's barrier hangs).
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Saves and restores (state, extra) pairs every `save_every_steps` steps, keeping the last `keep`."""
 
@@ -148,7 +163,7 @@ class Checkpointer:
         create=True,
         cleanup_tmp_directories=True,
     )
-    self._manager = ocp.CheckpointManager(
+    self._manager = _ManagerWithoutPreemptionChecks(
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _EXTRA: ocp.JsonCheckpointHandler()})
