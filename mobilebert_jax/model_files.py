@@ -24,6 +24,8 @@ from etils import epath
 from mobilebert_jax.interop import hf
 
 CARD_FILE = "README.md"
+# Heads `python -m mobilebert_jax.predict` serves (its PREDICTABLE_HEADS).
+PREDICT_HEADS = ("classification", "question_answering", "token_classification")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
@@ -125,6 +127,8 @@ def model_card(meta: Mapping[str, Any], num_params: int | None = None,
   if metrics:
     lines += ["", "## Dev metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_metric(v)} |" for k, v in sorted(metrics.items())]
+  if head not in PREDICT_HEADS:  # predict serves task heads only
+    usage = [line for line in usage if "mobilebert_jax.predict" not in line]
   lines += ["", "## Use", ""] + [f"    {line}" for line in usage] + [""]
   return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from mobilebert_jax.export.serving import ExportError, SERVING_INPUTS
 
 log = logging.getLogger(__name__)
 
-PREDICTABLE_HEADS = ("classification", "question_answering", "token_classification")
+PREDICTABLE_HEADS = model_files.PREDICT_HEADS
 MODEL_FILES = {".tflite": "LiteRT", ".onnx": "ONNX"}
 DEFAULT_BATCH_SIZE = 8
 
