@@ -14,7 +14,6 @@ stays within `--max_int8_drop` points, and the model file size of each format.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -169,12 +168,8 @@ def score(model: str, sentences, labels) -> dict:
 
 def machine() -> dict:
   """Platform, cores, load and library versions."""
-  versions = {}
-  for name in VERSIONED:
-    try:
-      versions[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
+  from mobilebert_jax.training.operations import installed_versions
+  versions = installed_versions(VERSIONED)
   return {"platform": platform.platform(), "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
           "load_average": [round(x, 2) for x in os.getloadavg()], "versions": versions}

@@ -35,7 +35,6 @@ and the load average at the start and end.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -241,14 +240,9 @@ def print_tables(rows, entries, ratio, best) -> None:
 
 
 def versions() -> dict:
-  """Installed versions of the frameworks and runtimes involved (None when absent)."""
-  found = {}
-  for name in VERSIONED:
-    try:
-      found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      found[name] = None
-  return found
+  """Installed versions of the frameworks and runtimes involved."""
+  from mobilebert_jax.training.operations import installed_versions
+  return installed_versions(VERSIONED)
 
 
 def main(argv):

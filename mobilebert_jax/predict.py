@@ -182,18 +182,11 @@ def _exported_predictor(model_file: str, description: dict | None, seq_length: i
   if seq_length is not None and seq_length != length:
     raise PredictError(f"{model_file}: the model was exported for sequence length {length}; "
                        f"--seq-length={seq_length} needs a new export with --seq-length")
-  names = list(runner(**_zeros(batch or 1, length)))
-  head = description["head"] if description else _head_from_outputs(model_file, names, runner,
-                                                                     batch or 1, length)
+  sample = runner(**_zeros(batch or 1, length))  # output names and shapes
+  head = description["head"] if description else _head_from_outputs(sample)
   _check_head(head, model_file)
-  labels = None
-  if head in ("classification", "token_classification"):
-    if description and description.get("id2label"):
-      mapping = description["id2label"]
-      labels = [mapping[str(i)] for i in range(len(mapping))]
-    else:
-      logits = runner(**_zeros(batch or 1, length))["logits"]
-      labels = list(model_files.id2label(None, logits.shape[-1]).values())
+  labels = (model_files.label_names(description or {}, sample["logits"].shape[-1])
+            if head in ("classification", "token_classification") else None)
   return Predictor(model_file, runtime, head, int(length), batch, labels,
                    _tokenizer(tokenizer, model_file), lambda arrays: runner(**arrays))
 
@@ -203,15 +196,14 @@ def _zeros(batch: int, length: int) -> dict[str, np.ndarray]:
   return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": ids}
 
 
-def _head_from_outputs(model_file: str, names: Sequence[str], runner, batch: int,
-                       length: int) -> str:
-  """The head of a bare exported file, from its output names (serving.HEAD_OUTPUTS)."""
-  if "start_logits" in names:
+def _head_from_outputs(outputs: dict[str, np.ndarray]) -> str:
+  """The head of a bare exported file, from its outputs on a sample batch
+  (serving.HEAD_OUTPUTS)."""
+  if "start_logits" in outputs:
     return "question_answering"
-  if "logits" in names:
-    rank = runner(**_zeros(batch, length))["logits"].ndim
-    return "token_classification" if rank == 3 else "classification"
-  return "base" if "last_hidden_state" in names else "pretraining"
+  if "logits" in outputs:
+    return "token_classification" if outputs["logits"].ndim == 3 else "classification"
+  return "base" if "last_hidden_state" in outputs else "pretraining"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,11 +315,12 @@ RECORDED_PACKAGES = ("jax", "jaxlib", "libtpu", "libtpu-nightly", "jax-cuda12-pl
                      "tensorflow-cpu", "tensorflow", "mobilebert_jax")
 
 
-def installed_versions() -> dict[str, str]:
-  """{distribution: version} of `RECORDED_PACKAGES` that are installed."""
+def installed_versions(names=RECORDED_PACKAGES) -> dict[str, str]:
+  """{distribution: version} of the `names` that are installed (the benchmarks' reports use
+  it too)."""
   from importlib import metadata
   versions = {}
-  for name in RECORDED_PACKAGES:
+  for name in names:
     try:
       versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
